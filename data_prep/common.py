@@ -1,0 +1,236 @@
+"""Machinery every ``genie prep`` source shares: parallel, resumable jobs -> parts -> shards.
+
+A prep run is a list of *jobs* (one video file, one batch of CoinRun episodes, ...). Each job
+writes its clips into a *part* (``OUT/.parts/<job_id>.tar`` plus ``<job_id>.json`` with its
+report), atomically. When every job is done the parts are concatenated, in job order, into
+shards of ``shard_size`` clips, then ``summary.json`` is written and the parts are removed.
+
+Why parts: jobs finish in any order when run in parallel, but shards must not depend on
+timing. A killed run keeps its finished parts; the rerun only does the missing jobs and then
+writes exactly the shards one clean run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from genie.data.contract import SHARD_PATTERN, ShardWriter, atomic_write_bytes, write_sample
+
+PARTS_DIR = ".parts"
+SUMMARY = "summary.json"
+
+
+class PrepError(RuntimeError):
+    """A problem with the prep run as a whole (bad arguments, a mismatched output folder)."""
+
+
+@dataclass
+class Job:
+    """One unit of work. ``job_id`` must be unique, filesystem-safe and stable across runs."""
+
+    job_id: str
+    payload: dict[str, Any]
+    label: str = ""  # what a person calls this input (e.g. the file's relative path)
+
+
+@dataclass
+class JobReport:
+    """What one job did; stored beside its part so a resumed run can still report it."""
+
+    job_id: str
+    ok: bool
+    clips: int = 0
+    frames: int = 0
+    reason: str = ""  # why the job was skipped (when not ok)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PartWriter:
+    """Streams one job's clips into ``<parts>/<job_id>.tar.tmp``; ``commit`` makes it final."""
+
+    def __init__(self, parts_dir: Path, job_id: str):
+        self.final = parts_dir / f"{job_id}.tar"
+        self.tmp = parts_dir / f"{job_id}.tar.tmp"
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.GNU_FORMAT)
+        self.clips = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        write_sample(self._tar, key, members)
+        self.clips += 1
+
+    def commit(self, report: JobReport) -> None:
+        self._tar.close()
+        os.replace(self.tmp, self.final)
+        # the report is written last: its presence marks the job as done
+        atomic_write_bytes(self.final.with_suffix(".json"), json.dumps(report.__dict__).encode())
+
+    def abort(self) -> None:
+        self._tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+JobFn = Callable[[Job, PartWriter], JobReport]
+
+
+def _run_one(fn: JobFn, job: Job, parts_dir: Path) -> JobReport:
+    writer = PartWriter(parts_dir, job.job_id)
+    try:
+        report = fn(job, writer)
+    except Exception as e:  # a bad input must never take the run down: report and move on
+        writer.abort()
+        writer = PartWriter(parts_dir, job.job_id)
+        report = JobReport(job.job_id, ok=False, reason=f"{type(e).__name__}: {e}")
+    report.info.setdefault("input", job.label or job.job_id)
+    if not report.ok:
+        # a skipped job keeps no clips: half a file's clips would make reruns differ
+        writer.abort()
+        writer = PartWriter(parts_dir, job.job_id)
+        report.clips = report.frames = 0
+    writer.commit(report)
+    return report
+
+
+def _prepare_out(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> Path:
+    """Create the output folder, or check that an existing one was made with the same settings."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = out_dir / PARTS_DIR
+    settings_file = out_dir / "prep_settings.json"
+    wanted = json.dumps(settings, sort_keys=True, indent=1)
+    if settings_file.exists() and settings_file.read_text() != wanted:
+        if not overwrite:
+            raise PrepError(
+                f"{out_dir} holds shards prepared with other settings ({settings_file}); "
+                "pass --overwrite to replace them or choose another --out"
+            )
+        shutil.rmtree(parts, ignore_errors=True)
+        for p in list(out_dir.glob("*.tar")) + [out_dir / SUMMARY]:
+            p.unlink(missing_ok=True)
+    parts.mkdir(exist_ok=True)
+    atomic_write_bytes(settings_file, wanted.encode())
+    return parts
+
+
+def run_prep(
+    *,
+    out_dir: str | os.PathLike,
+    jobs: list[Job],
+    fn: JobFn,
+    settings: dict[str, Any],
+    shard_size: int,
+    workers: int,
+    prefix: str = "shard",
+    desc: str = "prep",
+    overwrite: bool = False,
+    extra_summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``fn`` over ``jobs`` (in ``workers`` processes; 0 = in this process), then write shards.
+
+    Args:
+        out_dir: output folder; shards are ``{prefix}-000000.tar ...``.
+        jobs: the work, in the order their clips go into the shards.
+        fn: ``fn(job, part_writer) -> JobReport``; must be a picklable top-level function.
+        settings: everything that determines the output; a rerun with other settings is refused.
+        shard_size: clips per shard.
+        workers: parallel processes.
+
+    Returns:
+        The summary dict, also written to ``out_dir/summary.json``.
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    ids = [j.job_id for j in jobs]
+    if len(set(ids)) != len(ids):
+        raise PrepError("internal error: duplicate job ids")
+    summary_path = out / SUMMARY
+    jobs_digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()
+    full_settings = {**settings, "shard_size": shard_size, "prefix": prefix, "jobs_sha1": jobs_digest}
+    parts = _prepare_out(out, full_settings, overwrite)
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        tqdm.write(f"{out}: already complete ({summary.get('clips', '?')} clips), nothing to do")
+        shutil.rmtree(parts, ignore_errors=True)
+        return summary
+
+    reports: dict[str, JobReport] = {}
+    for job in jobs:  # resume: a job with a report is done
+        rp = parts / f"{job.job_id}.json"
+        if rp.exists() and (parts / f"{job.job_id}.tar").exists():
+            reports[job.job_id] = JobReport(**json.loads(rp.read_text()))
+    todo = [j for j in jobs if j.job_id not in reports]
+
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="job", dynamic_ncols=True)
+    if workers <= 0 or len(todo) <= 1:
+        for job in todo:
+            reports[job.job_id] = _run_one(fn, job, parts)
+            bar.update()
+    else:
+        # spawn: workers must not inherit codec or thread-pool state from the parent
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, fn, job, parts): job for job in todo}
+            for fut in as_completed(futures):
+                rep = fut.result()
+                reports[rep.job_id] = rep
+                bar.update()
+                if not rep.ok:
+                    bar.write(f"skipped {rep.info['input']}: {rep.reason}")
+    bar.close()
+
+    shards = assemble_shards(out, parts, [j.job_id for j in jobs], prefix, shard_size)
+    ordered = [reports[j.job_id] for j in jobs]
+    summary = {
+        "ok": sum(r.ok for r in ordered),
+        "skipped": [{"job": r.job_id, "reason": r.reason, **r.info} for r in ordered if not r.ok],
+        "clips": sum(r.clips for r in ordered),
+        "frames": sum(r.frames for r in ordered),
+        "shards": [p.name for p in shards],
+        "seconds": round(time.time() - t0, 2),
+        **(extra_summary or {}),
+    }
+    summary["num_skipped"] = len(summary["skipped"])
+    atomic_write_bytes(summary_path, json.dumps(summary, indent=1).encode())
+    shutil.rmtree(parts)
+    return summary
+
+
+def assemble_shards(out: Path, parts: Path, job_ids: Iterable[str], prefix: str, shard_size: int) -> list[Path]:
+    """Concatenate the parts, in job order, into shards; remove stale shards of an earlier run."""
+    for old in out.glob(SHARD_PATTERN.format(prefix=prefix, index=0).replace("000000", "*")):
+        old.unlink()
+    with ShardWriter(out, prefix=prefix, shard_size=shard_size) as writer:
+        for job_id in job_ids:
+            with tarfile.open(parts / f"{job_id}.tar", "r") as tar:
+                current_key, members = None, {}
+                for info in tar:
+                    key, _, member = info.name.partition(".")
+                    if key != current_key and current_key is not None:
+                        writer.write(current_key, members)
+                        members = {}
+                    current_key = key
+                    f = tar.extractfile(info)
+                    members[member] = f.read() if f is not None else b""
+                if current_key is not None:
+                    writer.write(current_key, members)
+    return writer.paths
+
+
+def print_summary(summary: dict[str, Any], out_dir: str | os.PathLike) -> None:
+    skipped = summary.get("skipped", [])
+    print(
+        f"{out_dir}: {summary['clips']} clips, {summary['frames']} frames in {len(summary['shards'])} shards "
+        f"({summary['ok']} inputs ok, {len(skipped)} skipped) in {summary['seconds']:.1f}s"
+    )
+    for s in skipped:
+        print(f"  skipped {s['input']}: {s['reason']}")

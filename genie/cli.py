@@ -1,0 +1,60 @@
+"""The ``genie`` command: one entry point, subcommands that grow with the project.
+
+Subcommand modules are imported only when used, so ``genie --help`` stays fast and a missing
+optional dependency (e.g. CoinRun's procgen) only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (group, name) -> (module path, help). Each module provides add_arguments(parser) and run(args).
+COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("prep", "videos"): ("data_prep.videos", "a folder of video files -> clip shards"),
+    ("prep", "coinrun"): ("data_prep.coinrun", "Procgen CoinRun episodes (random policy) -> shards with actions"),
+    ("prep", "inspect"): ("data_prep.inspect", "describe a shard folder and write a contact sheet PNG"),
+    ("bench", "data"): ("genie.bench.data", "decoded frames/s through the loader"),
+}
+
+GROUP_HELP = {"prep": "make and inspect shards", "bench": "speed numbers, as a table and JSON"}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genie", description=__doc__.splitlines()[0])
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    sub_by_group: dict[str, argparse._SubParsersAction] = {}
+    for group, help_text in GROUP_HELP.items():
+        gp = groups.add_parser(group, help=help_text, description=help_text)
+        sub_by_group[group] = gp.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    # only import the module of the command actually run (its arguments may need heavy imports)
+    wanted = tuple(argv[:2]) if len(argv) >= 2 else None
+    for (group, name), (module, help_text) in COMMANDS.items():
+        p = sub_by_group[group].add_parser(name, help=help_text, description=help_text)
+        if wanted == (group, name):
+            importlib.import_module(module).add_arguments(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        module.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # user-facing errors are one line; anything else keeps its traceback
+        if type(e).__name__ in {"PrepError", "DataError", "ConfigError"}:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,7 +79,7 @@ def process_video(job: Job, writer: PartWriter) -> JobReport:
     if report.clips == 0:
         report.ok = False
         report.reason = (
-            f"no frames decoded (not a video, or corrupt)"
+            "no frames decoded (not a video, or corrupt)"
             if total == 0
             else f"too short: {total} frames at {fps:g} fps, a clip needs {clip_frames}"
         )

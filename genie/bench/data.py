@@ -28,8 +28,9 @@ def synthetic_clip(rng: np.random.Generator, frames: int, size: int) -> np.ndarr
     out = np.empty((frames, size, size, 3), np.uint8)
     side = max(2, size // 8)
     for t in range(frames):
-        img = np.stack([255 * (0.5 + 0.5 * np.sin(6 * (xx + v[0] * t) + 7 * base[c] + 4 * (yy + v[1] * t)))
-                        for c in range(3)], -1)
+        img = np.stack(
+            [255 * (0.5 + 0.5 * np.sin(6 * (xx + v[0] * t) + 7 * base[c] + 4 * (yy + v[1] * t))) for c in range(3)], -1
+        )
         for pos, vel, col in squares:
             y, x = (((pos + vel * t) % 1.0) * (size - side)).astype(int)
             img[y : y + side, x : x + side] = col
@@ -42,21 +43,31 @@ def write_synthetic_shards(out_dir: Path, size: int, clips: int, clip_frames: in
     with ShardWriter(out_dir, prefix=f"bench{size}", shard_size=max(1, clips // 4)) as w:
         for i in range(clips):
             frames = synthetic_clip(rng, clip_frames, size)
-            meta = ClipMeta(source="synthetic", fps=15.0, frames=clip_frames, width=size, height=size,
-                            video_id="synthetic", clip_index=i)
-            w.write(clip_key("synthetic", i), {"mp4": encode_clip(frames, 15.0, gop=DEFAULT_GOP),
-                                                "json": meta.to_bytes()})
+            meta = ClipMeta(
+                source="synthetic",
+                fps=15.0,
+                frames=clip_frames,
+                width=size,
+                height=size,
+                video_id="synthetic",
+                clip_index=i,
+            )
+            w.write(
+                clip_key("synthetic", i), {"mp4": encode_clip(frames, 15.0, gop=DEFAULT_GOP), "json": meta.to_bytes()}
+            )
     return out_dir
 
 
-def time_loader(shards: str, workers: int, num_frames: int, batch_size: int, batches: int,
-                backend: str) -> dict[str, float]:
+def time_loader(
+    shards: str, workers: int, num_frames: int, batch_size: int, batches: int, backend: str
+) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
     from genie.data.loader import ClipStream
 
-    ds = ClipStream(shards, num_frames=num_frames, batch_size=batch_size, train=True, shuffle_buffer=16,
-                    backend=backend)  # type: ignore[arg-type]
+    ds = ClipStream(
+        shards, num_frames=num_frames, batch_size=batch_size, train=True, shuffle_buffer=16, backend=backend
+    )  # type: ignore[arg-type]
     dl = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     t0 = time.perf_counter()
     it = iter(dl)
@@ -102,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"  {label} workers={w}: {r['frames_per_s']:,.0f} frames/s", flush=True)
     cols = ["data", "workers", "frames_per_s", "clips_per_s", "first_batch_s"]
     print(format_table(rows, cols))
-    report = write_report(args.json, "data", rows, num_frames=args.num_frames, batch_size=args.batch_size,
-                          backend=args.backend)
+    report = write_report(
+        args.json, "data", rows, num_frames=args.num_frames, batch_size=args.batch_size, backend=args.backend
+    )
     print(f"wrote {args.json}")
     return report

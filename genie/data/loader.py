@@ -313,9 +313,7 @@ class ClipStream(IterableDataset):
         if pending:
             yield self._collate(pending, me)
         if self.stats.skipped:
-            log.warning(
-                "validation reader %d skipped %d bad sample(s): %s", me, self.stats.skipped, self.stats.reasons
-            )
+            log.warning("validation reader %d skipped %d bad sample(s): %s", me, self.stats.skipped, self.stats.reasons)
 
 
 def total_skipped(seen: dict[int, int], batch: dict[str, Any]) -> int:

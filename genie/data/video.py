@@ -64,8 +64,14 @@ def encode_clip(
             "bf": "0",  # no B-frames: decode order == display order, cheaper random access
             "threads": "1",
         }
-        for frame in frames_THWC:
+        stream.codec_context.time_base = Fraction(1) / rate
+        for i, frame in enumerate(frames_THWC):
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            if not lossless:
+                vf = vf.reformat(format="yuv420p", interpolation="BILINEAR")
+            # explicit timestamps: left unset, they come from encoder state and the bytes vary
+            vf.pts = i
+            vf.time_base = stream.codec_context.time_base
             for packet in stream.encode(vf):
                 container.mux(packet)
         for packet in stream.encode():
@@ -191,7 +197,7 @@ def read_video_resampled(path: str, fps: float | None) -> tuple[float, Iterator[
         container.close()
         raise DecodeError("no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type = "SLICE"
     src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 30.0
     out_fps = float(fps) if fps else src_fps
 

@@ -20,17 +20,24 @@ def indexed_clip(clip: int, frames: int, size: int) -> np.ndarray:
     return out
 
 
-def write_indexed_shards(out: Path, clips: int, frames: int = 12, size: int = 16, shard_size: int = 2,
-                         actions: bool = True, prefix: str = "shard") -> list[str]:
+def write_indexed_shards(
+    out: Path,
+    clips: int,
+    frames: int = 12,
+    size: int = 16,
+    shard_size: int = 2,
+    actions: bool = True,
+    prefix: str = "shard",
+) -> list[str]:
     """Shards of lossless indexed clips; returns the keys in order."""
     keys = []
     with ShardWriter(out, prefix=prefix, shard_size=shard_size) as w:
         for c in range(clips):
             key = clip_key(f"clip{c}", 0)
-            meta = ClipMeta(source=f"test{c}", fps=10.0, frames=frames, width=size, height=size,
-                            video_id=f"clip{c}", lossless=True)
-            members = {"mp4": encode_clip(indexed_clip(c, frames, size), 10.0, lossless=True),
-                       "json": meta.to_bytes()}
+            meta = ClipMeta(
+                source=f"test{c}", fps=10.0, frames=frames, width=size, height=size, video_id=f"clip{c}", lossless=True
+            )
+            members = {"mp4": encode_clip(indexed_clip(c, frames, size), 10.0, lossless=True), "json": meta.to_bytes()}
             if actions:
                 members["actions.npy"] = npy_bytes(np.arange(frames - 1, dtype=np.int64) + 100 * c)
             w.write(key, members)

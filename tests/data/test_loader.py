@@ -27,7 +27,7 @@ def test_validation_yields_every_clip_once_with_exact_frames(indexed_shards, cli
     for b in batches:
         assert b["frames"].dtype == torch.uint8 and b["frames"].shape[1:] == (4, 16, 16, 3)
         for key, start, frames, acts in zip(b["keys"], b["starts"], b["frames"], b["actions"], strict=True):
-            c = int(key[len("clip"):].split("_")[0])
+            c = int(key[len("clip") :].split("_")[0])
             idx = int(start) + 2 * np.arange(4)
             assert np.array_equal(frames.numpy(), clip_pixels(c, 12, 16)[idx])  # decoded exactly those frames
             assert acts.tolist() == (idx[:-1] + 100 * c).tolist()  # actions aligned with the window
@@ -99,7 +99,7 @@ def test_validation_with_fewer_shards_than_consumers_still_splits_exactly(shard_
 
 def _append_bad_samples(path):
     """Append a truncated mp4 and a garbage-only sample to an existing shard."""
-    good = open(path, "rb").read()
+    good = path.read_bytes()
     tmp = path.with_suffix(".new")
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as out:
         with tarfile.open(fileobj=io.BytesIO(good)) as src:
@@ -165,8 +165,9 @@ def test_wrong_resolution_and_short_clips_fail_before_training(indexed_shards):
 
 def test_datamodule_loaders(indexed_shards):
     folder, keys = indexed_shards
-    dm = VideoDataModule(str(folder), val_shards=str(folder), num_frames=4, batch_size=2, num_workers=1,
-                         pin_memory=False)
+    dm = VideoDataModule(
+        str(folder), val_shards=str(folder), num_frames=4, batch_size=2, num_workers=1, pin_memory=False
+    )
     b = next(iter(dm.train_dataloader()))
     assert b["frames"].shape == (2, 4, 16, 16, 3)
     assert sorted(_keys(dm.val_dataloader())) == sorted(keys)
@@ -182,8 +183,13 @@ def test_continuous_actions_and_require_actions(tmp_path, shard_factory):
 
     with ShardWriter(tmp_path / "cont") as w:
         meta = ClipMeta(source="robot", fps=10.0, frames=6, width=16, height=16)
-        w.write("r_000000", {"mp4": encode_clip(np.zeros((6, 16, 16, 3), np.uint8), 10.0, lossless=True),
-                             "json": meta.to_bytes(),
-                             "actions.npy": npy_bytes(np.ones((5, 7), np.float32))})
+        w.write(
+            "r_000000",
+            {
+                "mp4": encode_clip(np.zeros((6, 16, 16, 3), np.uint8), 10.0, lossless=True),
+                "json": meta.to_bytes(),
+                "actions.npy": npy_bytes(np.ones((5, 7), np.float32)),
+            },
+        )
     b = next(iter(ClipStream(str(tmp_path / "cont"), num_frames=3, batch_size=1, train=False)))
     assert b["actions"].dtype == torch.float32 and b["actions"].shape == (1, 2, 7)

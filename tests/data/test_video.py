@@ -20,8 +20,9 @@ def test_lossless_roundtrip_is_exact(backend):
 
 def test_lossy_roundtrip_is_close_on_smooth_content():
     yy, xx = np.mgrid[0:32, 0:32]
-    frames = np.stack([np.stack([(xx * 8 + t) % 256, (yy * 8) % 256, (xx + yy) * 4 % 256], -1)
-                       for t in range(8)]).astype(np.uint8)
+    frames = np.stack(
+        [np.stack([(xx * 8 + t) % 256, (yy * 8) % 256, (xx + yy) * 4 % 256], -1) for t in range(8)]
+    ).astype(np.uint8)
     out = decode_clip(encode_clip(frames, 10.0), list(range(8)))
     err = np.abs(out.astype(int) - frames)
     assert err.mean() < 3.0

@@ -120,7 +120,7 @@ def test_default_prep_of_real_footage_is_close(tmp_path):
     got = np.concatenate([decode_clip(m["mp4"], list(range(16))) for _, m in clips])
     err = np.abs(got.astype(float) - ref)
     psnr = 10 * np.log10(255**2 / np.mean(err**2))
-    # measured on this footage: mean abs error ~1.5, PSNR ~40 dB at crf 18
+    # measured on this footage at crf 18: mean abs error 2.1, max 38, PSNR 38.7 dB
     assert err.mean() < 3.0 and psnr > 35.0
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from genie.data.contract import SHARD_PATTERN, ShardWriter, atomic_write_bytes, write_sample
+from genie.data.contract import SHARD_PATTERN, ShardWriter, atomic_write_bytes, split_member_name, write_sample
 
 PARTS_DIR = ".parts"
 SUMMARY = "summary.json"
@@ -135,6 +135,7 @@ def run_prep(
     desc: str = "prep",
     overwrite: bool = False,
     extra_summary: dict[str, Any] | None = None,
+    fail_fast: bool = False,
 ) -> dict[str, Any]:
     """Run ``fn`` over ``jobs`` (in ``workers`` processes; 0 = in this process), then write shards.
 
@@ -145,6 +146,8 @@ def run_prep(
         settings: everything that determines the output; a rerun with other settings is refused.
         shard_size: clips per shard.
         workers: parallel processes.
+        fail_fast: stop with PrepError when a job fails, instead of skipping it (for generated
+            sources, where a failure is a bug, not a bad input file).
 
     Returns:
         The summary dict, also written to ``out_dir/summary.json``.
@@ -172,20 +175,31 @@ def run_prep(
     todo = [j for j in jobs if j.job_id not in reports]
 
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="job", dynamic_ncols=True)
+    def done(rep: JobReport) -> None:
+        reports[rep.job_id] = rep
+        bar.update()
+        if not rep.ok:
+            if fail_fast:
+                raise PrepError(f"{rep.info['input']} failed: {rep.reason}")
+            bar.write(f"skipped {rep.info['input']}: {rep.reason}")
+
     if workers <= 0 or len(todo) <= 1:
         for job in todo:
-            reports[job.job_id] = _run_one(fn, job, parts)
-            bar.update()
+            done(_run_one(fn, job, parts))
     else:
-        # spawn: workers must not inherit codec or thread-pool state from the parent
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        # spawn: workers must not inherit codec or thread-pool state from the parent; recycled
+        # every 64 jobs so a slow leak in a native library (procgen, codecs) cannot pile up
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=64
+        ) as pool:
             futures = {pool.submit(_run_one, fn, job, parts): job for job in todo}
-            for fut in as_completed(futures):
-                rep = fut.result()
-                reports[rep.job_id] = rep
-                bar.update()
-                if not rep.ok:
-                    bar.write(f"skipped {rep.info['input']}: {rep.reason}")
+            try:
+                for fut in as_completed(futures):
+                    done(fut.result())
+            except PrepError:
+                for f in futures:
+                    f.cancel()
+                raise
     bar.close()
 
     shards = assemble_shards(out, parts, [j.job_id for j in jobs], prefix, shard_size)
@@ -200,6 +214,13 @@ def run_prep(
         **(extra_summary or {}),
     }
     summary["num_skipped"] = len(summary["skipped"])
+    # numeric details the jobs reported (e.g. episodes too short for a clip), summed over all jobs
+    totals: dict[str, float] = {}
+    for r in ordered:
+        for k, v in r.info.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                totals[k] = totals.get(k, 0) + v
+    summary["totals"] = totals
     atomic_write_bytes(summary_path, json.dumps(summary, indent=1).encode())
     shutil.rmtree(parts)
     return summary
@@ -214,7 +235,7 @@ def assemble_shards(out: Path, parts: Path, job_ids: Iterable[str], prefix: str,
             with tarfile.open(parts / f"{job_id}.tar", "r") as tar:
                 current_key, members = None, {}
                 for info in tar:
-                    key, _, member = info.name.partition(".")
+                    key, member = split_member_name(info.name)
                     if key != current_key and current_key is not None:
                         writer.write(current_key, members)
                         members = {}

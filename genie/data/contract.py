@@ -58,12 +58,24 @@ class ClipMeta:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ClipMeta:
-        raw = json.loads(data)
+        """Parse and check the ``json`` member. Raises ValueError on anything malformed."""
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"clip metadata is not JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"clip metadata must be a JSON object, got {type(raw).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         missing = {"fps", "frames", "width", "height"} - raw.keys()
         if missing:
             raise ValueError(f"clip metadata lacks field(s) {sorted(missing)}")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        meta = cls(**{k: v for k, v in raw.items() if k in known})
+        for name in ("frames", "width", "height"):
+            if not isinstance(getattr(meta, name), int) or getattr(meta, name) < 1:
+                raise ValueError(f"clip metadata field {name!r} must be a positive integer")
+        if not isinstance(meta.fps, int | float) or meta.fps <= 0:
+            raise ValueError("clip metadata field 'fps' must be a positive number")
+        return meta
 
 
 def make_video_id(name: str) -> str:
@@ -106,6 +118,14 @@ def write_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> N
         tar.addfile(info, io.BytesIO(data))
 
 
+def split_member_name(name: str) -> tuple[str, str]:
+    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``): like webdataset, split at the first dot of the
+    file name (not of the folders)."""
+    folder, _, base = name.rpartition("/")
+    key, _, member = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), member
+
+
 def read_samples(path: str | os.PathLike) -> list[tuple[str, dict[str, bytes]]]:
     """Read a whole (small) tar back as ``[(key, {member: bytes})]`` in file order."""
     out: list[tuple[str, dict[str, bytes]]] = []
@@ -113,7 +133,7 @@ def read_samples(path: str | os.PathLike) -> list[tuple[str, dict[str, bytes]]]:
         for info in tar:
             if not info.isfile():
                 continue
-            key, _, member = info.name.partition(".")
+            key, member = split_member_name(info.name)
             f = tar.extractfile(info)
             data = f.read() if f is not None else b""
             if out and out[-1][0] == key:

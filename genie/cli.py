@@ -14,22 +14,39 @@ import sys
 COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("prep", "videos"): ("data_prep.videos", "a folder of video files -> clip shards"),
     ("prep", "coinrun"): ("data_prep.coinrun", "Procgen CoinRun episodes (random policy) -> shards with actions"),
+    ("prep", "sprites"): ("data_prep.sprites", "synthetic controllable sprite videos with known actions"),
     ("prep", "inspect"): ("data_prep.inspect", "describe a shard folder and write a contact sheet PNG"),
     ("bench", "data"): ("genie.bench.data", "decoded frames/s through the loader"),
+    ("eval", "tokenizer"): ("genie.eval.tokenizer", "PSNR/SSIM and codebook usage on held-out clips"),
+    ("eval", "lam"): ("genie.eval.lam", "latent action usage and NMI with true actions on held-out clips"),
 }
 
-GROUP_HELP = {"prep": "make and inspect shards", "bench": "speed numbers, as a table and JSON"}
+GROUP_HELP = {
+    "prep": "make and inspect shards",
+    "eval": "metrics JSON + PNGs for a trained model",
+    "bench": "speed numbers, as a table and JSON",
+}
+# top-level commands without subcommands: name -> (module, help)
+SINGLE: dict[str, tuple[str, str]] = {
+    "export": ("genie.export", "a stage checkpoint -> Hugging Face-layout model folder"),
+}
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genie", description=__doc__.splitlines()[0])
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    groups.add_parser("fit", help="train a stage: genie fit --config configs/<setup>/<stage>.yaml", add_help=False)
     sub_by_group: dict[str, argparse._SubParsersAction] = {}
     for group, help_text in GROUP_HELP.items():
         gp = groups.add_parser(group, help=help_text, description=help_text)
         sub_by_group[group] = gp.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     # only import the module of the command actually run (its arguments may need heavy imports)
     wanted = tuple(argv[:2]) if len(argv) >= 2 else None
+    for name, (module, help_text) in SINGLE.items():
+        p = groups.add_parser(name, help=help_text, description=help_text)
+        if argv[:1] == [name]:
+            importlib.import_module(module).add_arguments(p)
+            p.set_defaults(_module=module)
     for (group, name), (module, help_text) in COMMANDS.items():
         p = sub_by_group[group].add_parser(name, help=help_text, description=help_text)
         if wanted == (group, name):
@@ -40,6 +57,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
+        from genie.train import fit
+
+        return fit(argv[1:])
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(args._module)
     try:
@@ -49,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         # user-facing errors are one line; anything else keeps its traceback
-        if type(e).__name__ in {"PrepError", "DataError", "ConfigError"}:
+        if type(e).__name__ in {"PrepError", "DataError", "ConfigError", "FileNotFoundError"}:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

@@ -1,0 +1,1 @@
+"""Evaluation: metrics shared by training and ``genie eval``, and the eval commands."""

@@ -1,0 +1,342 @@
+"""Spatiotemporal (ST) transformer: the building block shared by the tokenizer, the LAM and the dynamics model.
+
+Dimension keys (used as suffixes on tensor names, nanoGPT/Shazeer style):
+    B: batch size
+    T: frames (time)
+    H, W: pixels (height, width)
+    C: channels
+    N: tokens per frame (h * w patches, plus any extra per-frame tokens a model prepends)
+    D: width (model dimension)
+    V: codebook size
+    A: number of (latent) actions
+    L: attention sequence length (N for spatial attention, T for temporal attention)
+    S: key/value sequence length (past + new frames when a KV cache is used)
+    K: attention heads;  E: head dim (D = K * E)
+
+An ST block is: spatial self-attention inside each frame (over its N tokens), then *causal* temporal
+self-attention across frames at each spatial position, then an MLP; all pre-norm with residuals.
+That factorisation costs O(T N^2 + N T^2) instead of O((T N)^2) for full attention.
+
+Temporal positions. Spatial positions are a learned embedding (N, D) added at the stack input. Temporal
+positions use rotary embeddings (RoPE) on the temporal attention's queries and keys, indexed by the
+*absolute* frame index. RoPE makes attention depend only on the distance between frames, so:
+  * a KV cache stays valid forever: a past frame's keys never need recomputing when new frames arrive,
+  * attention can slide: temporal attention only looks back ``max_frames - 1`` frames (a banded causal
+    mask), so a model trained on clips of ``max_frames`` frames sees the same relative distances when it
+    generates frame 100 as it did in training, and the cache only keeps the last ``max_frames - 1`` frames.
+A learned absolute temporal table would instead either cap generation at ``max_frames`` or force
+re-encoding the whole window every step (its positions shift as the window slides).
+
+With clips of at most ``max_frames`` frames (training), the band is the plain causal mask and SDPA runs
+its fused ``is_causal=True`` path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class STTransformerConfig:
+    """Hyper-parameters of an :class:`STTransformer` stack."""
+
+    width: int = 512  # D: model width
+    depth: int = 8  # number of ST blocks
+    num_heads: int = 8  # attention heads (width must be divisible by it)
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
+    num_spatial_tokens: int = 256  # N: tokens per frame (size of the learned spatial position table)
+    max_frames: int = 16  # temporal attention window: a frame attends to itself and max_frames-1 past frames
+    dropout: float = 0.0  # dropout on attention weights and on residual branches (training only)
+    qk_norm: bool = True  # RMSNorm on per-head queries and keys (stabilises attention logits, as in Genie)
+    rope_base: float = 10000.0  # RoPE base for temporal positions
+    bias: bool = True  # biases in linear layers and LayerNorms
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of past frames for the temporal attention of an :class:`STTransformer`.
+
+    Spatial attention is within-frame and needs no cache. For temporal attention, layer ``i`` stores
+    ``keys[i]`` / ``values[i]`` of shape (B*N, K, S_past, E): the (RoPE-rotated) keys and values of the last
+    ``S_past <= max_frames - 1`` frames, which is all any future frame can attend to.
+
+    Usage::
+
+        cache = model.make_cache()
+        for frame_BTND in frames:            # (B, 1, N, D) each
+            out = model(frame_BTND, cache=cache)   # appends this frame's K/V and advances the cache
+
+    ``model(x, cache=cache, update_cache=False)`` reads the cache without changing it (e.g. the MaskGIT
+    steps that refine one frame several times before committing it).
+    """
+
+    num_layers: int
+    max_frames: int  # attention window in frames; the cache keeps at most max_frames - 1 past frames
+    keys: list[Tensor | None] = field(default_factory=list)  # per layer, (B*N, K, S_past, E)
+    values: list[Tensor | None] = field(default_factory=list)  # per layer, (B*N, K, S_past, E)
+    num_frames: int = 0  # absolute index of the next frame (= frames appended so far)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [None] * self.num_layers
+            self.values = [None] * self.num_layers
+
+    @property
+    def past_len(self) -> int:
+        """Number of past frames currently held (the same in every layer)."""
+        k = self.keys[0]
+        return 0 if k is None else k.shape[2]
+
+    def extend(self, layer: int, k_new: Tensor, v_new: Tensor, update: bool = True) -> tuple[Tensor, Tensor]:
+        """Past + new keys/values of ``layer`` for attention; if ``update``, store them (cut to the window).
+
+        Args:
+            layer: layer index.
+            k_new, v_new: (B*N, K, T_new, E) keys/values of the new frames.
+            update: append the new frames to the cache.
+
+        Returns:
+            k, v: (B*N, K, S_past + T_new, E).
+        """
+        k_past, v_past = self.keys[layer], self.values[layer]
+        k = k_new if k_past is None else torch.cat([k_past, k_new], dim=2)
+        v = v_new if v_past is None else torch.cat([v_past, v_new], dim=2)
+        if update:
+            self.keys[layer], self.values[layer] = self._truncate(k), self._truncate(v)
+        return k, v
+
+    def truncate(self, max_past: int | None = None) -> None:
+        """Drop all but the last ``max_past`` frames (default: ``max_frames - 1``, the attention reach)."""
+        for i in range(self.num_layers):
+            if self.keys[i] is not None:
+                self.keys[i] = self._truncate(self.keys[i], max_past)
+                self.values[i] = self._truncate(self.values[i], max_past)
+
+    def reset(self) -> None:
+        """Forget everything (start a new episode)."""
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        self.num_frames = 0
+
+    def _truncate(self, x: Tensor, max_past: int | None = None) -> Tensor:
+        keep = self.max_frames - 1 if max_past is None else max_past
+        # slicing is a view; no copy is made until the next append concatenates
+        return x[:, :, max(0, x.shape[2] - keep) :]
+
+
+def rope_cos_sin(start: int, T: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """RoPE tables for frames start .. start+T-1.
+
+    Angles are formed in float64 on the CPU (exact for large frame indices, and MPS has no float64), then
+    moved to ``device`` as float32.
+
+    Returns:
+        cos, sin: each (T, E).
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (E/2,)
+    positions_T = torch.arange(start, start + T, dtype=torch.float64)
+    angles_TE = torch.outer(positions_T, inv_freq).repeat(1, 2)  # (T, E), the two halves share angles
+    return angles_TE.cos().float().to(device), angles_TE.sin().float().to(device)
+
+
+def apply_rope(x: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
+    """Rotate (..., T, E) by the RoPE tables (T, E) ("rotate half" layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos_TE + torch.cat([-x2, x1], dim=-1) * sin_TE
+
+
+def temporal_mask(q_start: int, T: int, k_start: int, S: int, max_frames: int, device: torch.device) -> Tensor:
+    """Boolean (T, S) mask, True where a query frame may attend a key frame: causal and within the window.
+
+    Queries are frames q_start .. q_start+T-1 and keys frames k_start .. k_start+S-1 (absolute indices).
+    """
+    dist_TS = torch.arange(q_start, q_start + T, device=device)[:, None] - torch.arange(
+        k_start, k_start + S, device=device
+    )
+    return (dist_TS >= 0) & (dist_TS < max_frames)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the L axis of (B', L, D) with fused qkv, QK-norm and SDPA."""
+
+    def __init__(self, config: STTransformerConfig):
+        super().__init__()
+        assert config.width % config.num_heads == 0, "width must be divisible by num_heads"
+        assert (config.width // config.num_heads) % 2 == 0, "head dim must be even (RoPE)"
+        self.num_heads = config.num_heads
+        self.dropout = config.dropout
+        head_dim = config.width // config.num_heads
+        self.qkv = nn.Linear(config.width, 3 * config.width, bias=config.bias)  # one matmul for q, k, v
+        self.proj = nn.Linear(config.width, config.width, bias=config.bias)
+        self.proj.is_residual_proj = True  # scaled init, see STTransformer._init_module
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if config.qk_norm else nn.Identity()
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def qkv_heads(self, x_BLD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Project and split into (QK-normalised) heads: q, k, v each (B', K, L, E)."""
+        qkv = rearrange(self.qkv(x_BLD), "b l (three k e) -> three b k l e", three=3, k=self.num_heads)
+        return self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """SDPA of (B', K, L, E) queries on (B', K, S, E) keys/values, then the output projection: (B', L, D)."""
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.resid_dropout(self.proj(rearrange(y, "b k l e -> b l (k e)")))
+
+
+class SpatialAttention(Attention):
+    """Bidirectional attention among the N tokens of each frame."""
+
+    def forward(self, x_BTND: Tensor) -> Tensor:
+        T = x_BTND.shape[1]
+        q, k, v = self.qkv_heads(rearrange(x_BTND, "b t n d -> (b t) n d"))
+        # norms may run in fp32 under autocast; SDPA needs one dtype
+        y_BLD = self.attend(q.to(v.dtype), k.to(v.dtype), v)
+        return rearrange(y_BLD, "(b t) n d -> b t n d", t=T)
+
+
+class TemporalAttention(Attention):
+    """Causal, windowed attention across frames at each spatial position, with RoPE and an optional KV cache."""
+
+    def __init__(self, config: STTransformerConfig):
+        super().__init__(config)
+        self.max_frames = config.max_frames
+
+    def forward(
+        self,
+        x_BTND: Tensor,
+        rope: tuple[Tensor, Tensor],
+        start: int = 0,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        update_cache: bool = True,
+    ) -> Tensor:
+        """(B, T, N, D) frames start .. start+T-1 -> (B, T, N, D); see :meth:`STTransformer.forward`."""
+        N = x_BTND.shape[2]
+        q, k, v = self.qkv_heads(rearrange(x_BTND, "b t n d -> (b n) t d"))  # (B*N, K, T, E)
+        # rotate, then cast (norms may run in fp32 under autocast); keys are cached rotated
+        q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
+        T = q.shape[2]
+        if cache is not None:
+            k, v = cache.extend(layer, k, v, update_cache)  # (B*N, K, S_past + T, E)
+        S_past = k.shape[2] - T
+        mask, causal = None, False
+        if S_past == 0 and self.max_frames >= T:
+            causal = True  # plain causal mask: fused SDPA path (the training case)
+        elif S_past == 0 or T > 1 or S_past >= self.max_frames:
+            mask = temporal_mask(start, T, start - S_past, S_past + T, self.max_frames, q.device)
+        # else: one new frame and every cached frame is within its window -> attend to all, no mask
+        y_BLD = self.attend(q, k, v, mask=mask, causal=causal)  # (B*N, T, D)
+        return rearrange(y_BLD, "(b n) t d -> b t n d", n=N)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: STTransformerConfig):
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.width)
+        self.fc = nn.Linear(config.width, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.width, bias=config.bias)
+        self.proj.is_residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class STBlock(nn.Module):
+    """Pre-norm ST block: x += SpatialAttn(LN(x)); x += CausalTemporalAttn(LN(x)); x += MLP(LN(x))."""
+
+    def __init__(self, config: STTransformerConfig):
+        super().__init__()
+        self.norm_spatial = nn.LayerNorm(config.width, bias=config.bias)
+        self.spatial = SpatialAttention(config)
+        self.norm_temporal = nn.LayerNorm(config.width, bias=config.bias)
+        self.temporal = TemporalAttention(config)
+        self.norm_mlp = nn.LayerNorm(config.width, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x_BTND: Tensor,
+        rope: tuple[Tensor, Tensor],
+        start: int = 0,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        update_cache: bool = True,
+    ) -> Tensor:
+        """(B, T, N, D) -> (B, T, N, D). See :meth:`STTransformer.forward` for the cache arguments."""
+        x_BTND = x_BTND + self.spatial(self.norm_spatial(x_BTND))
+        x_BTND = x_BTND + self.temporal(self.norm_temporal(x_BTND), rope, start, cache, layer, update_cache)
+        return x_BTND + self.mlp(self.norm_mlp(x_BTND))
+
+
+class STTransformer(nn.Module):
+    """Stack of :class:`STBlock` with a learned spatial position embedding, temporal RoPE and a final norm.
+
+    Attributes:
+        gradient_checkpointing: when True (and training without a cache) each block's activations are
+            recomputed in backward instead of stored. Also toggled by transformers'
+            ``gradient_checkpointing_enable()`` on the HF models that contain this stack.
+    """
+
+    def __init__(self, config: STTransformerConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.pos_spatial_ND = nn.Parameter(torch.zeros(config.num_spatial_tokens, config.width))
+        self.blocks = nn.ModuleList([STBlock(config) for _ in range(config.depth)])
+        self.norm = nn.LayerNorm(config.width, bias=config.bias)
+        self.apply(self._init_module)
+        nn.init.normal_(self.pos_spatial_ND, std=0.02)
+
+    def _init_module(self, module: nn.Module) -> None:
+        # GPT-2 style: N(0, 0.02), residual output projections shrunk by the number of residual branches so
+        # the residual stream's variance does not grow with depth (3 branches per block).
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_proj", False):
+                std /= math.sqrt(3 * self.config.depth)
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def make_cache(self) -> KVCache:
+        """An empty KV cache for incremental (frame-by-frame) inference with this stack."""
+        return KVCache(num_layers=self.config.depth, max_frames=self.config.max_frames)
+
+    def forward(self, x_BTND: Tensor, cache: KVCache | None = None, update_cache: bool = True) -> Tensor:
+        """Run the stack.
+
+        Args:
+            x_BTND: (B, T, N, D) input tokens (N must equal ``config.num_spatial_tokens``).
+            cache: optional KV cache holding earlier frames of the same sequences. The T frames given are
+                then frames ``cache.num_frames ... cache.num_frames + T - 1`` of the sequence.
+            update_cache: append these frames to ``cache`` and advance it (False: read-only use).
+
+        Returns:
+            (B, T, N, D) outputs. Frame t never depends on later frames; each layer looks back at most
+            ``max_frames - 1`` frames (the full forward and the cached incremental forward agree exactly).
+        """
+        T = x_BTND.shape[1]
+        start = cache.num_frames if cache is not None else 0
+        x_BTND = x_BTND + self.pos_spatial_ND.to(x_BTND.dtype)  # (N, D) broadcast over (B, T)
+        head_dim = self.config.width // self.config.num_heads
+        rope = rope_cos_sin(start, T, head_dim, self.config.rope_base, x_BTND.device)  # shared by all layers
+        ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if ckpt:
+                x_BTND = checkpoint(block, x_BTND, rope, start, use_reentrant=False)
+            else:
+                x_BTND = block(x_BTND, rope, start, cache, i, update_cache)
+        if cache is not None and update_cache:
+            cache.num_frames += T
+        return self.norm(x_BTND)

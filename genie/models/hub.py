@@ -1,0 +1,81 @@
+"""Hugging Face layout for genie models: a folder with ``config.json`` + ``model.safetensors``.
+
+Every genie model (tokenizer, LAM, dynamics) is a :class:`GeniePreTrainedModel` whose config subclasses
+``transformers.PreTrainedConfig``. We use transformers rather than ``huggingface_hub``'s
+``PyTorchModelHubMixin`` because in transformers 5 a config *is* a strict dataclass: one class is at once
+the training config (typed, validated, dataclass fields the CLI can fill) and the exact content of
+``config.json``, and the models work with ``AutoConfig`` / ``AutoModel`` and the Hub tooling
+(``push_to_hub``, model cards) at no extra cost. config.json holds the model's own fields plus
+transformers' bookkeeping keys (``model_type``, ``architectures``, ``dtype``, ``transformers_version``).
+
+Loading safety: :meth:`GeniePreTrainedModel.from_pretrained` only reads safetensors (never unpickles), and
+it is strict: a checkpoint with missing, unexpected or wrongly-shaped tensors is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+
+# fields that transformers' PreTrainedConfig itself declares; everything else in a genie config is ours
+_BASE_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(PreTrainedConfig))
+
+
+def model_fields(config: PreTrainedConfig) -> dict[str, Any]:
+    """The model's own config fields as a plain dict (no transformers bookkeeping).
+
+    Handy for logging hyper-parameters and for storing a config inside a Lightning checkpoint as plain
+    data (so the checkpoint loads with ``torch.load(..., weights_only=True)``). ``type(config)(**d)``
+    rebuilds the config.
+    """
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _BASE_CONFIG_FIELDS}
+
+
+class GeniePreTrainedModel(PreTrainedModel):
+    """Base class of genie's HF-layout models.
+
+    Subclasses set ``config_class`` and build their modules in ``__init__`` (ending with
+    ``self.post_init()``). Modules initialise their own weights when constructed, so ``_init_weights`` is a
+    no-op: transformers never re-initialises them, and strict loading means no tensor is ever left to it.
+    """
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True  # STTransformer stacks carry a `gradient_checkpointing` flag
+
+    def _init_weights(self, module: nn.Module) -> None:
+        pass  # weights are initialised by the modules' constructors (see genie.models.blocks)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        """Load from a folder (or Hub repo) holding ``config.json`` + ``model.safetensors``.
+
+        Only safetensors are read, so nothing is ever unpickled. Returns the model in eval mode.
+
+        Args:
+            pretrained_model_name_or_path: local folder or Hub repo id.
+            strict: raise if the checkpoint's tensors do not match the model's exactly.
+            **kwargs: passed to ``transformers.PreTrainedModel.from_pretrained`` (e.g. ``device_map``,
+                ``dtype``, config field overrides).
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("genie models only load safetensors checkpoints (use_safetensors=False refused)")
+        kwargs["use_safetensors"] = True
+        kwargs["weights_only"] = True  # belt and braces: any torch.load transformers might do stays safe
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if strict:
+            bad = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+            if bad:
+                raise RuntimeError(f"{cls.__name__}: checkpoint does not match the model: {bad}")
+        return (model, info) if want_info else model
+
+
+def register_auto(config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel]) -> None:
+    """Make ``AutoConfig`` / ``AutoModel`` resolve ``config_class.model_type`` to these classes (idempotent)."""
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)

@@ -1,0 +1,180 @@
+"""Vector quantizer that resists codebook collapse.
+
+Dimension keys:
+    M: number of vectors quantized at once (all leading dims flattened, e.g. B*T*N)
+    X: number of dead codes being restarted
+    Z: code dimension (code_dim)
+    V: codebook size (num_codes)
+
+Design:
+  * Codes and inputs are l2-normalised and matched by cosine similarity (Yu et al. 2021, "Vector-quantized
+    image modeling with improved VQGAN"): on the unit sphere no code can sit far away from the data with a
+    huge norm, and every code competes on direction only, which keeps many codes in play.
+  * The codebook learns from a codebook loss (||sg(z) - c||^2) plus the commitment loss (beta * ||z - sg(c)||^2),
+    not from EMA k-means updates: gradients are averaged across ranks by DDP for free, work unchanged under
+    any optimizer / mixed precision / gradient accumulation, and need no extra decay hyper-parameter; EMA
+    would need its own all-reduce of cluster statistics every step. (Keep the codebook out of weight decay:
+    with normalised lookup its norm is meaningless, and decaying it only inflates its effective step size.)
+  * Dead-code restarts: a code that no input picked for ``dead_code_threshold`` training steps is re-set to a
+    random encoder output of the current batch, drawn with probability proportional to its quantization
+    error (so new codes go where the live ones fit worst, not onto the majority content), and capacity
+    lost to collapse comes back. Usage counts are all-reduced and the new codes broadcast from rank 0, so
+    all DDP ranks keep identical codebooks.
+  * Straight-through estimator: the forward pass uses the code, the backward pass copies the gradient to
+    the (normalised) encoder output.
+
+We write our own instead of using ``vector-quantize-pytorch``: the quantizer is ~150 readable lines central
+to the tokenizer and LAM, and owning it lets us guarantee DDP-consistent restarts, fp32 lookups under
+autocast, and a checkpoint layout (plain safetensors buffers) that never changes under us.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class QuantizerOutput:
+    """Result of :meth:`VectorQuantizer.forward` (leading dims ``...`` are those of the input)."""
+
+    quantized: Tensor  # (..., Z) unit-norm codes in the forward pass, straight-through gradient to the input
+    ids: Tensor  # (...) long, index of the chosen code
+    loss: Tensor  # () codebook loss + beta * commitment loss
+    usage: Tensor  # () fraction of the V codes used by this batch (all ranks, when training under DDP)
+    perplexity: Tensor  # () exp(entropy) of the batch's code histogram (V = uniform use, 1 = collapse)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class VectorQuantizer(nn.Module):
+    """l2-normalised VQ with codebook + commitment losses, straight-through gradients and dead-code restarts.
+
+    Args:
+        num_codes: V, codebook size.
+        code_dim: Z, dimension of each code.
+        beta: commitment loss weight.
+        dead_code_threshold: restart a code unused for this many training steps (0 disables restarts).
+    """
+
+    def __init__(self, num_codes: int = 1024, code_dim: int = 32, beta: float = 0.25, dead_code_threshold: int = 100):
+        super().__init__()
+        self.num_codes = num_codes
+        self.code_dim = code_dim
+        self.beta = beta
+        self.dead_code_threshold = dead_code_threshold
+        self.sync_distributed = True  # all-reduce usage and broadcast restarts when torch.distributed is up
+        self.codebook_VZ = nn.Parameter(F.normalize(torch.randn(num_codes, code_dim), dim=-1))
+        # persistent buffers so a resumed run keeps its restart clock (saved in model.safetensors)
+        self.register_buffer("steps_since_used_V", torch.zeros(num_codes, dtype=torch.long))
+        self.register_buffer("num_restarts", torch.zeros((), dtype=torch.long))  # total, for logging
+
+    def codes(self) -> Tensor:
+        """(V, Z) unit-norm codebook, float32."""
+        return F.normalize(self.codebook_VZ.float(), dim=-1)
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        """Code vectors for ids: (...) long -> (..., Z) float32 unit vectors."""
+        return F.embedding(ids, self.codes())
+
+    @torch.no_grad()
+    def nearest(self, z: Tensor) -> Tensor:
+        """Ids of the nearest codes (cosine similarity), with no side effects: (..., Z) -> (...) long."""
+        with torch.autocast(z.device.type, enabled=False):
+            z_MZ = F.normalize(z.reshape(-1, self.code_dim).float(), dim=-1)
+            return (z_MZ @ self.codes().T).argmax(dim=-1).reshape(z.shape[:-1])
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize encoder outputs.
+
+        In training mode this also updates the usage clock and restarts dead codes (before the lookup, so the
+        codebook is never modified after autograd has saved it).
+
+        Args:
+            z: (..., Z) encoder outputs (any scale; they are l2-normalised here).
+
+        Returns:
+            QuantizerOutput; ``quantized`` has the input's dtype.
+        """
+        lead_shape = z.shape[:-1]
+        # the lookup runs in fp32 even under bf16 autocast: argmax over 1024 near-equal cosines is sensitive
+        with torch.autocast(z.device.type, enabled=False):
+            z_MZ = F.normalize(z.reshape(-1, self.code_dim).float(), dim=-1)
+            with torch.no_grad():
+                best_M, ids_M = (z_MZ @ self.codes().T).max(dim=-1)  # cosine similarity, (M,) each
+                restarts = self.training and self.dead_code_threshold > 0
+                if restarts and self.restart_dead_codes(z_MZ, error_M=1 - best_M):
+                    ids_M = (z_MZ @ self.codes().T).argmax(dim=-1)  # restarted codes claim their inputs
+            codes_VZ = self.codes()  # after any restart: autograd saves the codebook only from here on
+            q_MZ = F.embedding(ids_M, codes_VZ)  # (M, Z), differentiable w.r.t. the codebook
+            codebook_loss = F.mse_loss(q_MZ, z_MZ.detach())  # pulls codes towards the inputs they won
+            commitment_loss = F.mse_loss(z_MZ, q_MZ.detach())  # keeps the encoder close to its codes
+            quantized_MZ = z_MZ + (q_MZ - z_MZ).detach()  # straight-through estimator
+
+        with torch.no_grad():
+            counts_V = torch.bincount(ids_M, minlength=self.num_codes)
+            if self.training:
+                counts_V = self._update_usage(counts_V)
+            probs_V = counts_V.float() / counts_V.sum().clamp(min=1)
+            perplexity = torch.exp(-(probs_V * torch.log(probs_V.clamp(min=1e-10))).sum())
+            usage = (counts_V > 0).float().mean()
+
+        return QuantizerOutput(
+            quantized=quantized_MZ.reshape(*lead_shape, self.code_dim).to(z.dtype),
+            ids=ids_M.reshape(lead_shape),
+            loss=codebook_loss + self.beta * commitment_loss,
+            usage=usage,
+            perplexity=perplexity,
+        )
+
+    @torch.no_grad()
+    def _update_usage(self, counts_V: Tensor) -> Tensor:
+        """Sum the batch's code counts over ranks and advance the per-code "steps since used" clock."""
+        if self.sync_distributed and _distributed():
+            dist.all_reduce(counts_V)  # every rank then agrees on which codes are dead
+        self.steps_since_used_V.add_(1).masked_fill_(counts_V > 0, 0)
+        return counts_V
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z_MZ: Tensor, error_M: Tensor | None = None) -> int:
+        """Re-initialise codes unused for ``dead_code_threshold`` steps from rows of ``z_MZ``.
+
+        Called automatically at the start of each training forward. The replacement rows are drawn at random
+        (without replacement) with probability proportional to their quantization error when ``error_M`` is
+        given: uniform draws would mostly land on the majority content (e.g. static background), which
+        the live codes already cover, while the poorly-quantized rows are where extra codes pay off. Under DDP
+        all ranks find the same dead codes (usage counts are all-reduced) and take rank 0's replacements.
+
+        Args:
+            z_MZ: (M, Z) current encoder outputs, l2-normalised.
+            error_M: (M,) optional non-negative quantization error of each row (e.g. 1 - cosine to its code).
+
+        Returns:
+            Number of codes restarted.
+        """
+        dead_V = self.steps_since_used_V >= self.dead_code_threshold
+        num_dead = int(dead_V.sum())  # one host sync per training step
+        if num_dead == 0:
+            return 0
+        M = z_MZ.shape[0]
+        weights_M = torch.ones(M, device=z_MZ.device) if error_M is None else error_M.float().clamp(min=0)
+        if int((weights_M > 0).sum()) < num_dead:  # too few candidates for distinct picks: add a uniform floor
+            weights_M = weights_M + 1e-6
+        replace = num_dead > M
+        picks_X = torch.multinomial(weights_M, num_dead, replacement=replace)  # X = num_dead
+        new_XZ = z_MZ[picks_X].float()  # (num_dead, Z) replacement codes
+        if replace:  # fewer inputs than dead codes: jitter the repeats so the new codes differ
+            new_XZ = new_XZ + 0.01 * torch.randn_like(new_XZ)
+        new_XZ = F.normalize(new_XZ, dim=-1)
+        if self.sync_distributed and _distributed():
+            dist.broadcast(new_XZ, src=0)
+        self.codebook_VZ[dead_V] = new_XZ.to(self.codebook_VZ.dtype)
+        self.steps_since_used_V[dead_V] = 0
+        self.num_restarts += num_dead
+        return num_dead

@@ -1,0 +1,176 @@
+"""Tests of the ST transformer: shapes, temporal causality, the KV cache (incl. sliding window), SDPA paths."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genie.models.blocks import STTransformer, STTransformerConfig, apply_rope, rope_cos_sin, temporal_mask
+
+torch.set_num_threads(2)
+
+B, N, D = 2, 6, 32
+
+
+def make_model(depth: int = 2, max_frames: int = 8, **kw) -> STTransformer:
+    torch.manual_seed(0)
+    cfg = STTransformerConfig(width=D, depth=depth, num_heads=4, num_spatial_tokens=N, max_frames=max_frames, **kw)
+    return STTransformer(cfg).eval()
+
+
+def test_shapes_and_grad():
+    model = make_model().train()
+    x_BTND = torch.randn(B, 5, N, D, requires_grad=True)
+    y_BTND = model(x_BTND)
+    assert y_BTND.shape == (B, 5, N, D)
+    y_BTND.square().mean().backward()
+    assert x_BTND.grad is not None and x_BTND.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("T, max_frames", [(6, 8), (10, 4)])  # plain causal, and sliding window
+def test_temporal_causality(T, max_frames):
+    model = make_model(max_frames=max_frames)
+    x = torch.randn(B, T, N, D)
+    t = T // 2
+    x2 = x.clone()
+    x2[:, t] += torch.randn(B, N, D)
+    with torch.no_grad():
+        y, y2 = model(x), model(x2)
+    torch.testing.assert_close(y[:, :t], y2[:, :t], atol=0, rtol=0)  # the past never sees the future
+    # the changed frame and the later frames within its window move
+    assert (y[:, t : t + max_frames] - y2[:, t : t + max_frames]).abs().amax(dim=(0, 2, 3)).min() > 1e-4
+
+
+def test_sliding_window_limits_reach():
+    # one layer: frame t sees frames t-max_frames+1 .. t only
+    model = make_model(depth=1, max_frames=3)
+    x = torch.randn(B, 8, N, D)
+    x2 = x.clone()
+    x2[:, 2] += torch.randn(B, N, D)
+    with torch.no_grad():
+        y, y2 = model(x), model(x2)
+    changed = (y - y2).abs().amax(dim=(0, 2, 3)) > 1e-6
+    assert changed.tolist() == [False, False, True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize(
+    "T, max_frames, chunks",
+    [
+        (7, 8, [1] * 7),  # frame by frame, within the window
+        (7, 8, [3, 1, 2, 1]),  # multi-frame chunks with a cache (masked path)
+        (12, 4, [1] * 12),  # frame by frame past the window: the cache slides
+        (12, 4, [5, 2, 1, 4]),  # chunks longer than what the cache holds
+    ],
+)
+def test_kv_cache_matches_full_forward(T, max_frames, chunks):
+    model = make_model(depth=3, max_frames=max_frames)
+    x = torch.randn(B, T, N, D)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache()
+        outs, t = [], 0
+        for n in chunks:
+            outs.append(model(x[:, t : t + n], cache=cache))
+            t += n
+            assert cache.num_frames == t
+            assert cache.past_len == min(t, max_frames - 1)  # only what future frames can reach is kept
+            assert cache.keys[0].shape == (B * N, 4, cache.past_len, D // 4)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_read_only_cache_step():
+    # MaskGIT refines a frame several times against the same cache before committing it
+    model = make_model()
+    x = torch.randn(B, 4, N, D)
+    with torch.no_grad():
+        cache = model.make_cache()
+        model(x[:, :3], cache=cache)
+        k_before = [k.clone() for k in cache.keys]
+        peek = model(x[:, 3:], cache=cache, update_cache=False)
+        assert cache.num_frames == 3 and all(torch.equal(a, b) for a, b in zip(k_before, cache.keys, strict=True))
+        commit = model(x[:, 3:], cache=cache)
+        full = model(x)
+    torch.testing.assert_close(peek, commit, atol=0, rtol=0)
+    torch.testing.assert_close(commit, full[:, 3:], atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.num_frames == 0 and cache.past_len == 0
+
+
+def test_cache_truncate():
+    model = make_model(max_frames=8)
+    with torch.no_grad():
+        cache = model.make_cache()
+        model(torch.randn(B, 6, N, D), cache=cache)
+    cache.truncate(2)
+    assert cache.past_len == 2 and cache.num_frames == 6
+
+
+def test_sdpa_paths(monkeypatch):
+    """Training clips take SDPA's fused causal path; one cached frame needs no mask."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[2], k.shape[2], attn_mask is not None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = make_model(depth=1, max_frames=8)
+    with torch.no_grad():
+        model(torch.randn(B, 5, N, D))
+        assert calls == [(N, N, False, False), (5, 5, False, True)]  # spatial: bidirectional; temporal: causal
+        calls.clear()
+        cache = model.make_cache()
+        model(torch.randn(B, 2, N, D), cache=cache)
+        model(torch.randn(B, 1, N, D), cache=cache)
+        assert calls[-1] == (1, 3, False, False)  # 1 new frame over 2 cached + itself, no mask
+
+
+def test_temporal_attention_matches_reference():
+    """SDPA-based temporal attention equals a hand-written masked softmax attention (sliding window)."""
+    model = make_model(depth=1, max_frames=3)
+    attn = model.blocks[0].temporal
+    T = 6
+    x = torch.randn(B, T, N, D)
+    with torch.no_grad():
+        got = attn(x, rope_cos_sin(0, T, D // 4, 10000.0, x.device))
+        q, k, v = attn.qkv_heads(x.permute(0, 2, 1, 3).reshape(B * N, T, D))
+        cos, sin = rope_cos_sin(0, T, D // 4, 10000.0, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        logits = q @ k.transpose(-1, -2) / (D // 4) ** 0.5
+        logits = logits.masked_fill(~temporal_mask(0, T, 0, T, 3, x.device), float("-inf"))
+        y = (logits.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(B * N, T, D)
+        ref = attn.proj(y).reshape(B, N, T, D).permute(0, 2, 1, 3)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_same_grads():
+    model = make_model().train()
+    x = torch.randn(B, 4, N, D)
+    model(x).square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(x).square().mean().backward()
+    for p, g in zip(model.parameters(), ref, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")  # CPU rms_norm: unfused bf16 path
+def test_bf16_autocast_runs():
+    model = make_model()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(B, 4, N, D))
+        cache = model.make_cache()
+        model(torch.randn(B, 2, N, D), cache=cache)
+        model(torch.randn(B, 1, N, D), cache=cache)
+    assert torch.isfinite(y.float()).all()
+
+
+def test_rope_relative():
+    """RoPE scores depend only on the distance between frames (what makes the sliding cache exact)."""
+    q, k = torch.randn(1, 8), torch.randn(1, 8)
+    cos, sin = rope_cos_sin(0, 1000, 8, 10000.0, torch.device("cpu"))
+    s1 = (apply_rope(q, cos[3:4], sin[3:4]) * apply_rope(k, cos[1:2], sin[1:2])).sum()
+    s2 = (apply_rope(q, cos[903:904], sin[903:904]) * apply_rope(k, cos[901:902], sin[901:902])).sum()
+    torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)

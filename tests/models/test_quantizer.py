@@ -1,0 +1,141 @@
+"""Tests of the vector quantizer: straight-through gradients, usage/perplexity, collapse recovery, DDP sync."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from genie.models.quantizer import VectorQuantizer
+
+torch.set_num_threads(2)
+
+
+def test_shapes_lookup_and_straight_through():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(num_codes=16, code_dim=8).train()
+    encoder = torch.nn.Linear(4, 8)
+    z = encoder(torch.randn(3, 5, 4))
+    out = vq(z)
+    assert out.quantized.shape == (3, 5, 8) and out.ids.shape == (3, 5) and out.ids.dtype == torch.long
+    # forward value is the unit-norm code; lookup agrees
+    torch.testing.assert_close(out.quantized, vq.lookup(out.ids))
+    torch.testing.assert_close(out.quantized.norm(dim=-1), torch.ones(3, 5))
+    torch.testing.assert_close(vq.nearest(z), out.ids)
+
+    # straight-through: d/dz of <quantized, g> equals d/dz of <normalize(z), g>
+    g = torch.randn(3, 5, 8)
+    (grad_st,) = torch.autograd.grad((out.quantized * g).sum(), z, retain_graph=True)
+    (grad_ref,) = torch.autograd.grad((F.normalize(z, dim=-1) * g).sum(), z)
+    torch.testing.assert_close(grad_st, grad_ref)
+
+    # the loss trains both the encoder (commitment) and the codebook (codebook loss)
+    encoder.zero_grad()
+    out.loss.backward()
+    assert encoder.weight.grad.abs().sum() > 0
+    used = torch.unique(out.ids)
+    assert vq.codebook_VZ.grad[used].abs().sum() > 0
+
+
+def test_usage_and_perplexity():
+    vq = VectorQuantizer(num_codes=32, code_dim=8, dead_code_threshold=0).eval()
+    codes = vq.lookup(torch.arange(32))
+    z = codes[torch.arange(8).repeat(10)]  # 8 codes, equally often
+    out = vq(z * 3.0)  # scale is irrelevant: lookup is by cosine similarity
+    assert out.ids.tolist() == torch.arange(8).repeat(10).tolist()
+    assert out.usage.item() == pytest.approx(8 / 32)
+    assert out.perplexity.item() == pytest.approx(8.0, rel=1e-4)
+    assert vq(codes[torch.zeros(20, dtype=torch.long)]).perplexity.item() == pytest.approx(1.0)
+
+
+def test_eval_has_no_side_effects():
+    vq = VectorQuantizer(num_codes=8, code_dim=4, dead_code_threshold=1)
+    vq.steps_since_used_V.fill_(5)  # all "dead"
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq.eval()
+    vq(torch.randn(50, 4))
+    vq.nearest(torch.randn(50, 4))
+    assert all(torch.equal(before[k], v) for k, v in vq.state_dict().items())
+    assert "steps_since_used_V" in before  # persistent: saved with the model
+
+
+def _collapsed_setup(num_codes=64, code_dim=8, threshold=3, seed=0):
+    torch.manual_seed(seed)
+    vq = VectorQuantizer(num_codes=num_codes, code_dim=code_dim, dead_code_threshold=threshold)
+    with torch.no_grad():
+        vq.codebook_VZ.copy_(vq.codebook_VZ[:1].expand(num_codes, -1))  # every code identical: full collapse
+    encoder = torch.nn.Linear(16, code_dim)
+    return vq, encoder
+
+
+@pytest.mark.parametrize("restarts", [True, False])
+def test_collapse_detected_and_recovered_by_restarts(restarts):
+    vq, encoder = _collapsed_setup(threshold=3 if restarts else 0)
+    opt = torch.optim.Adam(list(vq.parameters()) + list(encoder.parameters()), lr=1e-2)
+    data = torch.randn(2048, 16)
+
+    vq.train()
+    first = vq(encoder(data[:256]))
+    assert first.usage.item() == pytest.approx(1 / 64)  # collapse is visible in the reported usage...
+    assert first.perplexity.item() == pytest.approx(1.0)  # ...and perplexity
+
+    for _ in range(30):
+        out = vq(encoder(data[torch.randint(2048, (256,))]))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    vq.eval()
+    final = vq(encoder(data))
+    if restarts:
+        assert vq.num_restarts.item() >= 63
+        assert final.usage.item() > 0.9  # nearly every code in use again
+        assert final.perplexity.item() > 32
+    else:
+        # control: without restarts, identical codes only peel off one by one (argmax ties go to the first)
+        assert final.usage.item() < 0.3
+
+
+def test_concentrated_encoder_outputs_recover():
+    """Encoder outputs bunched in one direction use few random codes; restarts move codes onto the data."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(num_codes=128, code_dim=16, dead_code_threshold=2).train()
+    center = F.normalize(torch.randn(16), dim=0)
+    data = center + 0.05 * torch.randn(4096, 16)
+    before = vq(data)
+    assert before.usage.item() < 0.1
+    for _ in range(6):
+        vq(data[torch.randint(4096, (1024,))])
+    after = vq.eval()(data)
+    assert after.usage.item() > 0.9 and after.perplexity.item() > 10 * before.perplexity.item()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        vq, _ = _collapsed_setup(threshold=2, seed=0)  # same init on both ranks, as DDP guarantees
+        vq.train()
+        torch.manual_seed(100 + rank)  # but different data (and RNG) per rank
+        for _ in range(5):
+            vq(torch.randn(128, 8) + rank)
+        state = torch.cat([vq.codebook_VZ.detach().flatten(), vq.steps_since_used_V.float()])
+        gathered = [torch.zeros_like(state) for _ in range(world)]
+        dist.all_gather(gathered, state)
+        results[rank] = (bool(torch.equal(gathered[0], gathered[1])), int(vq.num_restarts))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_restarts_consistent_across_ddp_ranks():
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    assert results[0][0] and results[1][0], "codebooks diverged across ranks"
+    assert results[0][1] >= 63 and results[0][1] == results[1][1]

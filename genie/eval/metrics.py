@@ -10,6 +10,8 @@ from einops import rearrange
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+MAX_PSNR = 100.0
+
 
 def to_unit(frames: Tensor) -> Tensor:
     """uint8 [0, 255] or float [0, 1] -> float32 [0, 1]."""
@@ -17,7 +19,7 @@ def to_unit(frames: Tensor) -> Tensor:
 
 
 def frame_psnr(pred_BTHWC: Tensor, target_BTHWC: Tensor) -> Tensor:
-    """PSNR in dB of every frame, (B, T). Data range 1."""
+    """PSNR in dB of every frame, (B, T). Data range 1; capped at ``MAX_PSNR`` for identical frames."""
     p, t = to_unit(pred_BTHWC), to_unit(target_BTHWC)
     b = p.shape[0]
     psnr = peak_signal_noise_ratio(
@@ -27,7 +29,8 @@ def frame_psnr(pred_BTHWC: Tensor, target_BTHWC: Tensor) -> Tensor:
         reduction="none",
         dim=(1, 2, 3),
     )
-    return rearrange(psnr, "(b t) -> b t", b=b)
+    # identical frames have infinite PSNR; cap so that averages stay finite (100 dB ~ MSE 1e-10)
+    return rearrange(psnr.clamp(max=MAX_PSNR), "(b t) -> b t", b=b)
 
 
 def frame_ssim(pred_BTHWC: Tensor, target_BTHWC: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ def evaluate_tokenizer(
     device = torch.device(device)
     model.to(device).eval()
     stream = heldout_stream(shards, num_frames, batch_size, cfg.image_size, max_clips)
-    psnr, ssim, base_psnr = [], [], []
+    psnr, ssim, base_psnr, colour_psnr = [], [], [], []
     counts = torch.zeros(cfg.num_codes, dtype=torch.long)
     picture = None
     skipped = 0
@@ -51,8 +51,11 @@ def evaluate_tokenizer(
         counts += torch.bincount(ids.flatten().cpu(), minlength=cfg.num_codes)
         psnr.append(frame_psnr(recon, frames).mean(1).cpu())
         ssim.append(frame_ssim(recon, frames).mean(1).cpu())
+        # trivial baselines: each clip's mean frame (strong on static cameras), each frame's mean colour
         mean_frame = frames.float().mean(1, keepdim=True).expand_as(frames) / 255.0
         base_psnr.append(frame_psnr(mean_frame, frames).mean(1).cpu())
+        mean_colour = frames.float().mean((2, 3), keepdim=True).expand_as(frames) / 255.0
+        colour_psnr.append(frame_psnr(mean_colour, frames).mean(1).cpu())
         if picture is None:
             n = min(4, frames.shape[0])
             rows = np.stack([r for i in range(n) for r in (to_uint8(frames[i]), to_uint8(recon[i]))])
@@ -70,6 +73,7 @@ def evaluate_tokenizer(
         "psnr_std": float(p.std()) if len(p) > 1 else 0.0,
         "ssim": float(s.mean()),
         "baseline_mean_frame_psnr": float(b.mean()),
+        "baseline_mean_colour_psnr": float(torch.cat(colour_psnr).mean()),
         **codebook_stats(counts),
         "num_codes": cfg.num_codes,
         "skipped_samples": skipped,

@@ -106,6 +106,12 @@ class StageModule(L.LightningModule):
             skipped = total_skipped(self._skipped_seen, batch)
             self.log("data/skipped", float(skipped), on_step=True, on_epoch=False)
 
+    def on_train_start(self) -> None:
+        # Lightning keeps each submodule's train/eval mode as it finds it, and models come out of
+        # from_pretrained (or an evaluation) in eval mode: without this, training-only behaviour such as
+        # dead-code restarts and dropout would silently stay off.
+        self.net.train()
+
     # -- optimisation ---------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def test_fit_writes_checkpoints_and_export(trained: Path):
     assert "last.ckpt" in ckpts and "step0000002.ckpt" in ckpts and "step0000004.ckpt" in ckpts
     assert (trained / "export" / "config.json").is_file() and (trained / "export" / "model.safetensors").is_file()
     cfg = json.loads((trained / "export" / "config.json").read_text())
-    assert cfg["patch_size"] == 8 and cfg["num_codes"] == 256  # the tiny config's values
+    assert cfg["patch_size"] == 4 and cfg["num_codes"] == 256  # the tiny config's values
     assert (trained / "config.yaml").is_file()  # LightningCLI's record of the run
 
 

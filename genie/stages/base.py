@@ -77,6 +77,7 @@ class StageModule(L.LightningModule):
     """
 
     net: GeniePreTrainedModel
+    config_class: type  # the model's config class (its fields are the stage's `model` argument)
 
     def __init__(self, optim: OptimConfig | dict | None = None):
         super().__init__()
@@ -91,6 +92,10 @@ class StageModule(L.LightningModule):
         self.save_hyperparameters(
             {"stage": stage, **{k: plain(v) for k, v in {**configs, "optim": self.optim}.items()}}
         )
+
+    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss of one batch, without logging (benchmarks, custom loops)."""
+        raise NotImplementedError
 
     def expected_resolution(self) -> int | None:
         """Square frame size the model needs; the data is checked against it before training."""

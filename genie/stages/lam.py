@@ -32,6 +32,8 @@ class LAMStage(VQStage):
         media_every_n_val: log a next-frame prediction video every n validation runs (0: never).
     """
 
+    config_class = LAMConfig
+
     def __init__(
         self,
         model: LAMConfig | None = None,

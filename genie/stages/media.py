@@ -74,6 +74,9 @@ def log_video(logger: Any, key: str, video_THWC: np.ndarray, step: int, fps: flo
     folder = Path(logger.save_dir or tempfile.gettempdir()) / "media"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key.replace('/', '_')}_{step:08d}.mp4"
+    scale = max(1, 256 // max(1, min(video_THWC.shape[1:3])))  # pixel art at 64 px is too small to see
+    if scale > 1:
+        video_THWC = video_THWC.repeat(scale, axis=1).repeat(scale, axis=2)
     path.write_bytes(encode_clip(even(video_THWC), fps))
     logger.experiment.log({key: wandb.Video(str(path), format="mp4"), "trainer/global_step": step})
     return True

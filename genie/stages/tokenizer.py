@@ -21,6 +21,8 @@ class TokenizerStage(VQStage):
         media_every_n_val: log a reconstruction video every n validation runs (0: never).
     """
 
+    config_class = TokenizerConfig
+
     def __init__(
         self,
         model: TokenizerConfig | None = None,

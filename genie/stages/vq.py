@@ -41,6 +41,9 @@ class VQStage(StageModule):
         """Run the model on a batch: returns (output, target frames (B, T', H, W, C) uint8)."""
         raise NotImplementedError
 
+    def training_loss(self, batch: dict[str, Any]) -> Tensor:
+        return self.forward_batch(batch)[0].loss
+
     # -- training -------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

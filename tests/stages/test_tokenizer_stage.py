@@ -181,3 +181,17 @@ def test_large_config_scaled_down_builds_and_runs_a_step(coinrun_shards: Path, t
     assert main(args) == 0
     cfg = json.loads((tmp_path / "large" / "export" / "config.json").read_text())
     assert cfg["patch_size"] == 4 and cfg["num_codes"] == 1024 and cfg["width"] == 32
+
+
+def test_default_logger_is_wandb_offline_with_media(coinrun_shards: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    args = [
+        a for a in fit_args(coinrun_shards, tmp_path / "w", "--trainer.max_steps=2") if a != "--trainer.logger=false"
+    ]
+    args += ["--trainer.val_check_interval=2"]
+    assert main(args) == 0
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # offline: nothing was sent anywhere
+    assert list((tmp_path / "w" / "media").glob("val_reconstruction_*.mp4"))  # the video logged to wandb

@@ -143,10 +143,29 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# the informative line of jsonargparse's nested error reports, in order of preference
+_CONFIG_ERROR_HINTS = ("is not accepted", "unrecognized arguments", "does not exist", "No such file", "Expected a")
+
+
+def config_error_line(message: str) -> str:
+    """One line out of jsonargparse's multi-line, nested error report."""
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
+    for hint in _CONFIG_ERROR_HINTS:
+        for line in lines:
+            if hint in line:
+                return line.replace("unrecognized arguments: fit ", "unrecognized arguments: ")
+    return lines[0] if lines else message
+
+
 def fit(argv: list[str]) -> int:
     """Entry of ``genie fit``; ``argv`` are LightningCLI's arguments (``--config``, overrides)."""
+    from argparse import ArgumentError
+
     from genie.data.loader import DataError
 
+    saved_argv = sys.argv
+    sys.argv = saved_argv[:1]  # the arguments come from `argv`; LightningCLI warns when both are set
+    no_exit = {"exit_on_error": False}
     try:
         GenieCLI(
             StageModule,
@@ -155,9 +174,14 @@ def fit(argv: list[str]) -> int:
             args=["fit", *argv],
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"fit": {"default_env": False}},
+            parser_kwargs={**no_exit, "fit": {"default_env": False, **no_exit}},
         )
+    except ArgumentError as e:
+        print(f"error: bad config: {config_error_line(str(e))} (genie fit --help lists every option)", file=sys.stderr)
+        return 2
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        sys.argv = saved_argv
     return 0

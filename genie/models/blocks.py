@@ -131,11 +131,13 @@ class KVCache:
         return x[:, :, max(0, x.shape[2] - keep) :]
 
 
-def rope_cos_sin(start: int, T: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    start: int, T: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """RoPE tables for frames start .. start+T-1.
 
     Angles are formed in float64 on the CPU (exact for large frame indices, and MPS has no float64), then
-    moved to ``device`` as float32.
+    moved to ``device`` as float32 (float64 for float64 models).
 
     Returns:
         cos, sin: each (T, E).
@@ -143,7 +145,9 @@ def rope_cos_sin(start: int, T: int, head_dim: int, base: float, device: torch.d
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (E/2,)
     positions_T = torch.arange(start, start + T, dtype=torch.float64)
     angles_TE = torch.outer(positions_T, inv_freq).repeat(1, 2)  # (T, E), the two halves share angles
-    return angles_TE.cos().float().to(device), angles_TE.sin().float().to(device)
+    # float64 models (exactness tests) keep float64 tables; everything else gets float32
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return angles_TE.cos().to(device, dtype), angles_TE.sin().to(device, dtype)
 
 
 def apply_rope(x: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
@@ -330,7 +334,7 @@ class STTransformer(nn.Module):
         start = cache.num_frames if cache is not None else 0
         x_BTND = x_BTND + self.pos_spatial_ND.to(x_BTND.dtype)  # (N, D) broadcast over (B, T)
         head_dim = self.config.width // self.config.num_heads
-        rope = rope_cos_sin(start, T, head_dim, self.config.rope_base, x_BTND.device)  # shared by all layers
+        rope = rope_cos_sin(start, T, head_dim, self.config.rope_base, x_BTND.device, x_BTND.dtype)  # all layers
         ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if ckpt:

@@ -1,0 +1,177 @@
+"""MaskGIT sampling of a dynamics model, one frame at a time, with a cache of past frames.
+
+Dimension keys: B batch, T frames, N tokens per frame, V codebook size.
+
+For each new frame: start with every token MASK; at refinement step s of S, sample every masked token
+(softmax with ``temperature``), then keep ``N * cos(pi/2 * (s+1)/S)`` tokens masked (the cosine
+schedule) and fix the rest. Which ones get fixed is the ``unmask`` mode: ``"random"`` (the default:
+confidence-only unmasking tends to copy the previous frame, as 1xgpt observed) or ``"confidence"``
+(MaskGIT's: keep the tokens the model is surest of).
+
+The cache: past frames only influence a new frame through temporal attention, whose keys/values of a
+past frame never change (causal attention, relative RoPE positions). So past frames run through the
+transformer once, their keys/values stay in a :class:`~genie.models.blocks.KVCache`, and every
+refinement step costs one frame of compute. Once the context outgrows the training length the cache
+slides: each layer attends to the last ``num_frames - 1`` frames (banded causal attention, so deeper
+layers still see further back, as in sliding-window language models). ``use_cache=False`` recomputes
+the whole history every step with the same banded attention; it gives the same frames for the same
+generator and exists to test and benchmark the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from genie.models.blocks import KVCache
+from genie.models.dynamics import DynamicsModel
+
+UNMASK_MODES = ("random", "confidence")
+
+
+@dataclass
+class SamplerConfig:
+    """How frames are sampled."""
+
+    steps: int = 25
+    """MaskGIT refinement steps per frame (Genie: 25)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 picks the most likely token (greedy)."""
+    unmask: str = "random"
+    """Which sampled tokens to fix at each step: random (default) or confidence."""
+    use_cache: bool = True
+    """Keep past frames' keys/values instead of recomputing the context each step."""
+
+
+def cosine_masked(num_tokens: int, step: int, steps: int) -> int:
+    """Tokens still masked after refinement ``step`` (0-based) of ``steps``: N cos(pi/2 (s+1)/S)."""
+    return int(math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / steps)))
+
+
+class MaskGITSampler:
+    """Stateful frame-by-frame sampler for a batch of sequences.
+
+    Usage::
+
+        sampler = MaskGITSampler(model, SamplerConfig(steps=10))
+        sampler.reset(context_tokens_BTN, context_actions_BT)   # T context frames, T-1 actions
+        next_BN = sampler.next_frame(actions_B, generator=g)      # (B, N) token ids
+    """
+
+    def __init__(self, model: DynamicsModel, config: SamplerConfig | None = None):
+        self.model = model
+        self.config = config or SamplerConfig()
+        if self.config.unmask not in UNMASK_MODES:
+            raise ValueError(f"unmask must be one of {UNMASK_MODES}, got {self.config.unmask!r}")
+        if self.config.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.config.steps}")
+        self.cache: KVCache | None = None
+        self.history_BTN: Tensor | None = None  # frames so far (all of them without the cache)
+        self.lead_BT: Tensor | None = None  # the action leading to each frame so far
+
+    @property
+    def window(self) -> int:
+        return self.model.config.num_frames
+
+    # -- context --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self, tokens_BTN: Tensor, actions_BT: Tensor | None = None) -> None:
+        """Start new sequences from T >= 1 context frames and the T-1 actions between them."""
+        if tokens_BTN.ndim == 4:
+            tokens_BTN = tokens_BTN.flatten(2)
+        B, T, _ = tokens_BTN.shape
+        if actions_BT is None:
+            actions_BT = tokens_BTN.new_zeros(B, 0)
+        if actions_BT.shape != (B, T - 1):
+            raise ValueError(
+                f"context of {T} frames needs actions of shape {(B, T - 1)}, got {tuple(actions_BT.shape)}"
+            )
+        self.history_BTN = tokens_BTN
+        self.lead_BT = self.model.frame_actions(actions_BT, first_frame_has_action=False)
+        self.cache = None
+        if self.config.use_cache:
+            # the whole context goes through once (banded attention, as in generation); the cache then
+            # keeps the keys/values of its last num_frames - 1 frames, all any later frame can attend to
+            self.cache = self.model.transformer.make_cache()
+            self.model.step_logits(self.history_BTN, self.lead_BT, cache=self.cache, update_cache=True)
+
+    # -- one frame ------------------------------------------------------------------------------------
+
+    def _logits(self, frame_BN: Tensor, lead_B: Tensor) -> Tensor:
+        """Logits (B, N, V) for the frame being generated, given the context so far."""
+        if self.cache is not None:
+            return self.model.step_logits(frame_BN[:, None], lead_B[:, None], cache=self.cache)[:, 0]
+        assert self.history_BTN is not None and self.lead_BT is not None
+        # reference path: the whole history again (banded causal attention gives each layer the same
+        # reach as the cache), so its cost grows with the rollout length
+        tokens = torch.cat([self.history_BTN, frame_BN[:, None]], 1)
+        lead = torch.cat([self.lead_BT, lead_B[:, None]], 1)
+        return self.model.step_logits(tokens, lead)[:, -1]
+
+    @torch.no_grad()
+    def next_frame(self, actions_B: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Sample the next frame of every sequence under ``actions_B`` (B,) and append it: returns (B, N)."""
+        if self.history_BTN is None:
+            raise RuntimeError("call reset(context) first")
+        A = self.model.num_actions
+        if actions_B.min() < 0 or actions_B.max() >= A:
+            raise ValueError(f"actions must be in [0, {A}), got {actions_B.tolist()}")
+        B, _, N = self.history_BTN.shape
+        device = self.history_BTN.device
+        mask_id = self.model.config.mask_id
+        frame_BN = torch.full((B, N), mask_id, dtype=torch.long, device=device)
+        masked_BN = torch.ones(B, N, dtype=torch.bool, device=device)
+        steps, temp = self.config.steps, self.config.temperature
+        for s in range(steps):
+            logits_BNV = self._logits(frame_BN, actions_B).float()
+            if temp > 0:
+                probs_BNV = torch.softmax(logits_BNV / temp, dim=-1)
+                sampled_BN = torch.multinomial(probs_BNV.flatten(0, 1), 1, generator=generator).view(B, N)
+            else:
+                probs_BNV = torch.softmax(logits_BNV, dim=-1)
+                sampled_BN = logits_BNV.argmax(-1)
+            if self.config.unmask == "confidence":
+                score_BN = probs_BNV.gather(-1, sampled_BN[..., None])[..., 0]
+            else:
+                score_BN = torch.rand(B, N, device=device, generator=generator)
+            # known tokens are never re-masked: give them the top score
+            score_BN = score_BN.masked_fill(~masked_BN, float("inf"))
+            n_masked = cosine_masked(N, s, steps)
+            fix_BN = masked_BN.clone()
+            if n_masked > 0:
+                lowest = score_BN.topk(n_masked, dim=-1, largest=False).indices  # stay masked
+                fix_BN.scatter_(1, lowest, False)
+            frame_BN = torch.where(fix_BN, sampled_BN, frame_BN)
+            masked_BN = masked_BN & ~fix_BN
+        # commit the finished frame to the context
+        if self.cache is not None:
+            self.model.step_logits(frame_BN[:, None], actions_B[:, None], cache=self.cache, update_cache=True)
+            # the cache holds what the model needs; keep only a window of ids for callers to read
+            keep = self.window
+        else:
+            keep = None
+        self.history_BTN = torch.cat([self.history_BTN, frame_BN[:, None]], 1)
+        self.lead_BT = torch.cat([self.lead_BT, actions_B[:, None]], 1)
+        if keep is not None:
+            self.history_BTN, self.lead_BT = self.history_BTN[:, -keep:], self.lead_BT[:, -keep:]
+        return frame_BN
+
+
+@torch.no_grad()
+def generate(
+    model: DynamicsModel,
+    context_BTN: Tensor,
+    context_actions_BT: Tensor | None,
+    actions_BF: Tensor,
+    config: SamplerConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Roll out F frames after a context under the given actions: returns (B, F, N) token ids."""
+    sampler = MaskGITSampler(model, config)
+    sampler.reset(context_BTN, context_actions_BT)
+    frames = [sampler.next_frame(actions_BF[:, f], generator) for f in range(actions_BF.shape[1])]
+    return torch.stack(frames, dim=1)

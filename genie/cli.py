@@ -17,6 +17,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("prep", "sprites"): ("data_prep.sprites", "synthetic controllable sprite videos with known actions"),
     ("prep", "inspect"): ("data_prep.inspect", "describe a shard folder and write a contact sheet PNG"),
     ("bench", "data"): ("genie.bench.data", "decoded frames/s through the loader"),
+    ("bench", "sample"): ("genie.bench.sample", "milliseconds per generated frame, with and without the cache"),
     ("bench", "train"): ("genie.bench.train", "training step speed of a stage's model (s/step, tokens/s, MFU)"),
     ("eval", "tokenizer"): ("genie.eval.tokenizer", "PSNR/SSIM and codebook usage on held-out clips"),
     ("eval", "lam"): ("genie.eval.lam", "latent action usage and NMI with true actions on held-out clips"),

@@ -48,14 +48,13 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Job, JobReport, PartWriter, PrepError, print_summary, run_prep
+from data_prep.common import Job, JobReport, PartWriter, PrepError, episode_jobs, episode_rng, print_summary, run_prep
 from genie.data.contract import ClipMeta, clip_key, npy_bytes
 from genie.data.video import DEFAULT_GOP, encode_clip, resize_center_crop
 
 NUM_ACTIONS = 15  # CoinRun's action space (procgen's shared 15 key combos)
 FPS = 15  # procgen's native frame rate
 NATIVE_SIZE = 64  # procgen renders observations at 64x64
-SPLITS = {"train": 0, "val": 1}  # split -> code mixed into every seed
 INT32_MAX = 2**31 - 1  # procgen takes level seeds and rand_seed as C ints
 _WHEELS = "wheels for CPython 3.11/3.12 x86_64 Linux only"
 PROCGEN_MISSING = f"CoinRun needs procgen-mirror (pip install 'genie[coinrun]'; {_WHEELS})"
@@ -83,11 +82,6 @@ def procgen_version() -> str:
         return version("procgen-mirror")
     except PackageNotFoundError:
         return "unknown"
-
-
-def episode_rng(seed: int, split: str, episode: int) -> np.random.Generator:
-    """The one RNG that decides everything random about one episode (level, env seed, policy)."""
-    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(SPLITS[split], episode)))
 
 
 def play_episode(
@@ -199,22 +193,6 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
     return report
 
 
-def make_jobs(split: str, episodes: int, per_job: int, payload: dict[str, Any]) -> list[Job]:
-    """Chunks of ``per_job`` episodes. Episodes are seeded individually, so the chunking (like
-    ``--workers``) only decides how work is spread, never what is written."""
-    jobs = []
-    for first in range(0, episodes, per_job):
-        end = min(first + per_job, episodes)
-        jobs.append(
-            Job(
-                f"{split}-{first:06d}",
-                {"split": split, "first_episode": first, "end_episode": end, **payload},
-                label=f"{split} episodes {first}-{end - 1}",
-            )
-        )
-    return jobs
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Play Procgen CoinRun with a sticky-random policy and write 16-frame 64x64 clips with their "
@@ -310,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
             continue
         out_dir = args.out / split
         levels = {"start_level": start_level, "num_levels": num_levels}
-        jobs = make_jobs(split, episodes, args.episodes_per_job, {**common, **levels})
+        jobs = episode_jobs(split, episodes, args.episodes_per_job, {**common, **levels})
         summary = run_prep(
             out_dir=out_dir,
             jobs=jobs,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from genie.data.contract import SHARD_PATTERN, ShardWriter, atomic_write_bytes, split_member_name, write_sample
@@ -175,6 +176,7 @@ def run_prep(
     todo = [j for j in jobs if j.job_id not in reports]
 
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="job", dynamic_ncols=True)
+
     def done(rep: JobReport) -> None:
         reports[rep.job_id] = rep
         bar.update()
@@ -255,3 +257,29 @@ def print_summary(summary: dict[str, Any], out_dir: str | os.PathLike) -> None:
     )
     for s in skipped:
         print(f"  skipped {s['input']}: {s['reason']}")
+
+
+# Generated sources (CoinRun, sprites) seed every episode on its own, keyed by split and episode index,
+# so output never depends on how episodes are chunked into jobs or spread over workers.
+SPLIT_KEYS = {"train": 0, "val": 1}
+
+
+def episode_rng(seed: int, split: str, episode: int) -> np.random.Generator:
+    """The one RNG that decides everything random about one episode of a split."""
+    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(SPLIT_KEYS[split], episode)))
+
+
+def episode_jobs(split: str, episodes: int, per_job: int, payload: dict[str, Any]) -> list[Job]:
+    """Chunks of ``per_job`` episodes. Episodes are seeded individually, so the chunking (like
+    ``--workers``) only decides how work is spread, never what is written."""
+    jobs = []
+    for first in range(0, episodes, per_job):
+        end = min(first + per_job, episodes)
+        jobs.append(
+            Job(
+                f"{split}-{first:06d}",
+                {"split": split, "first_episode": first, "end_episode": end, **payload},
+                label=f"{split} episodes {first}-{end - 1}",
+            )
+        )
+    return jobs

@@ -57,12 +57,11 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Job, JobReport, PartWriter, PrepError, print_summary, run_prep
+from data_prep.common import Job, JobReport, PartWriter, PrepError, episode_jobs, episode_rng, print_summary, run_prep
 from genie.data.contract import ClipMeta, clip_key, npy_bytes
 from genie.data.video import DEFAULT_GOP, encode_clip
 
 FPS = 10
-SPLITS = {"train": 0, "val": 1}  # split -> code mixed into every seed: disjoint streams per split
 MIN_SIZE = 16
 MAX_NUM_ACTIONS = 8  # the LAM's default codebook has 8 latent actions: never more true ones than that
 MAX_TEXTURE = 60  # background channels stay <= BG_MAX + 60 = 160, far from the sprite's white
@@ -150,11 +149,6 @@ def check_scene(size: int, num_actions: int, distractors: int, step: int, sprite
         if not 4 <= sprite_size <= size // 4:
             problems.append(f"--sprite-size must be in 4..{size // 4} at --size {size} (got {sprite_size})")
     return problems
-
-
-def episode_rng(seed: int, split: str, episode: int) -> np.random.Generator:
-    """The one RNG that decides everything random about one episode of a split."""
-    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(SPLITS[split], episode)))
 
 
 def _bounce(pos: np.ndarray, vel: np.ndarray, hi: int) -> tuple[np.ndarray, np.ndarray]:
@@ -329,22 +323,6 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
     return report
 
 
-def make_jobs(split: str, episodes: int, per_job: int, payload: dict[str, Any]) -> list[Job]:
-    """Chunks of ``per_job`` episodes. Episodes are seeded individually, so the chunking (like
-    ``--workers``) only decides how work is spread, never what is written."""
-    jobs = []
-    for first in range(0, episodes, per_job):
-        end = min(first + per_job, episodes)
-        jobs.append(
-            Job(
-                f"{split}-{first:06d}",
-                {"split": split, "first_episode": first, "end_episode": end, **payload},
-                label=f"{split} episodes {first}-{end - 1}",
-            )
-        )
-    return jobs
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Render synthetic controllable videos: a white sprite moved by K known actions (wrapping around "
@@ -423,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
         out_dir = args.out / split
         summary = run_prep(
             out_dir=out_dir,
-            jobs=make_jobs(split, episodes, args.episodes_per_job, common),
+            jobs=episode_jobs(split, episodes, args.episodes_per_job, common),
             fn=process_episodes,
             settings={
                 "source": "sprites",

@@ -1,0 +1,117 @@
+"""The benchmarks run end to end on tiny sizes and write their JSON reports."""
+
+from __future__ import annotations
+
+import json
+
+from genie.cli import main
+
+
+def test_bench_sample_reports_cache_and_nocache(tmp_path):
+    out = tmp_path / "s.json"
+    assert (
+        main(
+            [
+                "bench",
+                "sample",
+                "--grid",
+                "4",
+                "--width",
+                "32",
+                "--heads",
+                "2",
+                "--depth",
+                "1",
+                "--mlp",
+                "64",
+                "--codes",
+                "64",
+                "--context",
+                "3",
+                "--frames",
+                "2",
+                "--steps",
+                "2",
+                "--window",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in rows] == ["cache", "nocache"] and all(r["ms_per_frame"] > 0 for r in rows)
+
+
+def test_bench_train_takes_model_dims(tmp_path):
+    out = tmp_path / "t.json"
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--stage",
+                "tokenizer",
+                "--image-size",
+                "32",
+                "--frames",
+                "2",
+                "--batch-size",
+                "2",
+                "--patch",
+                "8",
+                "--width",
+                "32",
+                "--heads",
+                "2",
+                "--depth",
+                "1",
+                "--mlp",
+                "64",
+                "--codes",
+                "64",
+                "--precision",
+                "32",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    (row,) = json.loads(out.read_text())["results"]
+    assert (row["width"], row["patch"], row["image"], row["batch"]) == (32, 8, 32, 2)
+    assert row["s_per_step"] > 0 and row["GFLOP_per_step"] > 0
+
+
+def test_bench_data_table(tmp_path):
+    out = tmp_path / "d.json"
+    assert (
+        main(
+            [
+                "bench",
+                "data",
+                "--sizes",
+                "32",
+                "--workers",
+                "0",
+                "--batches",
+                "2",
+                "--batch-size",
+                "2",
+                "--num-frames",
+                "4",
+                "--clip-frames",
+                "8",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["frames_per_s"] > 0

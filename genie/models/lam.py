@@ -3,10 +3,11 @@
 Dimension keys:
     B: batch size
     T: frames;  T-1 transitions
-    H, W: pixels;  h, w: patch grid (H / P, W / P)
+    H, W: pixels;  h, w: patch grid (H / P, W / P), square: g = h = w
     C: channels
     P: patch size
     N: patch tokens per frame (h * w)
+    X: values per patch (P * P * C)
     D: width
     Z: action code dimension
     A: number of latent actions (codebook size)
@@ -17,13 +18,41 @@ As in Genie, the LAM works on pixels and has two halves:
   patches; the causal ST transformer lets frame t+1's action token look at frames 1..t+1, and its output
   is projected to Z and vector-quantized to one of A codes: the latent action a_t of transition t -> t+1.
 - **Decoder** sees frames x_1 .. x_{T-1} and the quantized actions a_1 .. a_{T-1} only, and predicts
-  x_2 .. x_T. The action is added to every token of frame t, and the decoder is causal in time, so
-  the prediction of x_{t+1} can use x_1..x_t and a_t but never x_{t+1} itself: the A-way action code is the
-  only path for "what changed".
+  x_2 .. x_T. It is causal in time, so the prediction of x_{t+1} can use x_1..x_t and a_t but never x_{t+1}
+  itself: the A-way action code is the only path for "what changed".
+
+What makes it learn (measured on the synthetic sprites source, where the true actions are known; a plain
+version of this model, with actions added to the decoder's tokens, stayed at the copy-last-frame loss with
+NMI ~0 for 300+ CPU steps). A LAM has to escape a saddle: the decoder ignores codes that carry nothing,
+and the encoder gets no signal to make codes carry something until the decoder uses them. Each choice
+below shortens that escape (ablation numbers in ``tests/stages/test_lam_learning.py``):
+
+- **FiLM action conditioning** (``action_conditioning="film"``): the action scales and shifts the decoder's
+  token features (at its input and before its output head) instead of being added to them. An additive
+  action has the same effect on every token, so the first-order gradient it sends back to the encoder is
+  a sum of per-patch errors in which an object's disappearance and reappearance cancel; a multiplicative
+  one correlates each patch's error with that patch's content, which is direction-specific.
+- **Residual prediction**: the decoder predicts x_{t+1} - x_t, so "copy the frame" is free and all of its
+  capacity (and gradient) goes to the change.
+- **Overlapping patch embedding** (``patch_context=1``): each token embeds its patch and the neighbouring
+  patches (a 3x3 convolution over the patch grid), so "something moved in from the left" is a local
+  feature in both halves instead of an attention pattern to be learned first.
+- **Motion input** (``motion_input``): the encoder also embeds each frame's difference from the previous
+  frame, the signal an action is about; learning to subtract frames through attention is slow.
+- **Per-frame mean-colour centring** (``centre_frames``) of the model's inputs and **zero-initialised
+  spatial position tables**: nuisance factors (the background colour, where on screen something happens)
+  otherwise dominate the encoder's early outputs and the gradients reaching them.
+- **Normalised latents**: the continuous action latent is batch-normalised before the cosine quantizer (see
+  :class:`LatentNorm`). Without it, all the encoder's early outputs point the same way (cosine ~0.98 at
+  initialisation), so one code wins every transition.
 
 Collapse guards (the most reported LAM failure): the quantizer matches l2-normalised codes by cosine
-similarity (no code can drift out of reach), restarts codes unused for ``dead_code_threshold`` steps from
-the worst-quantized encoder outputs, and the training stage reports code usage and perplexity.
+similarity (no code can drift out of reach) and restarts codes unused for ``dead_code_threshold`` steps
+from the worst-quantized encoder outputs; the latent normalisation above keeps the encoder's outputs spread
+over the sphere, so restarted codes land on distinct transitions; the commitment weight is low (0.05 by
+default) because a strong pull of the encoder towards its current codes locks in the arbitrary partition of
+the first steps; and the training stage reports code usage and perplexity (``genie eval lam`` adds NMI
+against true actions where the data has them).
 """
 
 from __future__ import annotations
@@ -42,6 +71,10 @@ from genie.models.blocks import STTransformer, STTransformerConfig
 from genie.models.hub import GeniePreTrainedModel, register_auto
 from genie.models.quantizer import VectorQuantizer
 from genie.models.tokenizer import frames_to_unit
+
+ACTION_CONDITIONING = ("film", "add")
+PATCH_PADDING = ("zeros", "circular")
+FILM_INIT_STD = 0.3  # initial scale of the action's modulation: strong enough to matter from step 0
 
 
 @final  # a plain group of fields to the CLI (jsonargparse), not a class to pick subclasses of
@@ -65,10 +98,15 @@ class LAMConfig(PreTrainedConfig):
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
     code_dim: int = 32  # Z: dimension of the (l2-normalised) action codes
     num_actions: int = 8  # A: number of latent actions
-    commitment_beta: float = 0.25  # weight of the commitment loss
+    commitment_beta: float = 0.05  # weight of the commitment loss (low: see the module docstring)
     dead_code_threshold: int = 50  # restart an action code after this many training steps unused (0: never)
     dropout: float = 0.0  # dropout in attention and residual branches
     qk_norm: bool = True  # RMSNorm on per-head queries/keys
+    patch_context: int = 1  # each token also embeds this many neighbouring patches on every side (0: plain)
+    motion_input: bool = True  # the encoder also embeds x_t - x_{t-1} (zeros for the first frame)
+    centre_frames: bool = True  # subtract each frame's mean colour from the model's inputs
+    action_conditioning: str = "film"  # how the decoder takes the action: "film" (scale+shift) or "add"
+    patch_padding: str = "zeros"  # beyond the frame's borders the patch context is "zeros" or "circular" (a torus)
 
     def __post_init__(self, **kwargs):
         if self.image_size % self.patch_size:
@@ -77,6 +115,13 @@ class LAMConfig(PreTrainedConfig):
             raise ValueError(f"width {self.width} / num_heads {self.num_heads} must be an even integer")
         if self.num_actions < 2:
             raise ValueError(f"num_actions must be >= 2, got {self.num_actions}")
+        if self.patch_context < 0:
+            raise ValueError(f"patch_context must be >= 0, got {self.patch_context}")
+        if self.patch_padding not in PATCH_PADDING:
+            raise ValueError(f"patch_padding must be one of {', '.join(PATCH_PADDING)}, not {self.patch_padding!r}")
+        if self.action_conditioning not in ACTION_CONDITIONING:
+            choices = ", ".join(ACTION_CONDITIONING)
+            raise ValueError(f"action_conditioning must be one of {choices}, not {self.action_conditioning!r}")
         super().__post_init__(**kwargs)
 
     @property
@@ -117,6 +162,57 @@ class LAMOutput:
     perplexity: Tensor  # () action code perplexity of the batch
 
 
+class PatchEmbed(nn.Module):
+    """Embed each patch together with its ``context`` neighbours on every side: (B, T, N, X') -> (B, T, N, D).
+
+    A (2 * context + 1)^2 convolution over the g x g grid of patches (zero-padded at the borders), i.e. an
+    overlapping patch embedding; ``context=0`` is the plain per-patch linear embedding.
+    """
+
+    def __init__(self, in_dim: int, width: int, grid_size: int, context: int, padding: str = "zeros"):
+        super().__init__()
+        self.grid_size = grid_size
+        k = 2 * context + 1
+        self.conv = nn.Conv2d(in_dim, width, kernel_size=k, padding=context, padding_mode=padding)
+        # N(0, 0.02) for a plain patch embedding, shrunk by the kernel side so the output scale does not
+        # grow with the context
+        nn.init.normal_(self.conv.weight, std=0.02 / k)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x_BTNX: Tensor) -> Tensor:
+        B, T = x_BTNX.shape[:2]
+        grid = rearrange(x_BTNX, "b t (h w) x -> (b t) x h w", h=self.grid_size)
+        return rearrange(self.conv(grid), "(b t) d h w -> b t (h w) d", b=B, t=T)
+
+
+class LatentNorm(nn.BatchNorm1d):
+    """Standardise the action latents per dimension (batch norm without affine): (..., Z) -> (..., Z).
+
+    The cosine quantizer only sees directions, and at initialisation the encoder's outputs all share one
+    direction (their common component dwarfs what varies between transitions: cosine ~0.98), so every
+    transition picks the same code. Standardising removes the common component. It has to be *batch*
+    statistics with gradients through them, as in batch norm: the gradient then has no component that
+    moves all latents together, so they cannot drift away as a block. Normalising by running statistics
+    instead (strictly per-sample) was measured to fail: Adam moves the raw latents by more per step than
+    they spread, the running mean lags, and all latents share one direction again.
+
+    In training a transition's latent therefore depends (through the batch mean and variance of 100s of
+    transitions) on the other transitions of its batch; in eval mode the running statistics are used and
+    every clip is processed on its own. A single latent in training mode also uses the running statistics.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False)
+
+    def forward(self, z: Tensor) -> Tensor:
+        flat_MZ = z.reshape(-1, z.shape[-1])
+        if self.training and flat_MZ.shape[0] > 1:
+            out = super().forward(flat_MZ)
+        else:
+            out = F.batch_norm(flat_MZ, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return out.reshape(z.shape)
+
+
 class LatentActionModel(GeniePreTrainedModel):
     """Genie's latent action model (see the module docstring)."""
 
@@ -125,24 +221,39 @@ class LatentActionModel(GeniePreTrainedModel):
 
     def __init__(self, config: LAMConfig):
         super().__init__(config)
-        D = config.width
-        self.patch_embed = nn.Linear(config.patch_dim, D)
+        D, X, g, c = config.width, config.patch_dim, config.grid_size, config.patch_context
+        enc_in = 2 * X if config.motion_input else X  # frame patches (+ their change since the previous frame)
+        self.encoder_embed = PatchEmbed(enc_in, D, g, c, config.patch_padding)
         self.action_token_D = nn.Parameter(torch.zeros(D))  # prepended to every frame in the encoder
         self.encoder = STTransformer(config.st_config(config.encoder_depth, extra_tokens=1))
         self.to_code = nn.Linear(D, config.code_dim)
+        self.latent_norm = LatentNorm(config.code_dim)
         self.quantizer = VectorQuantizer(
             num_codes=config.num_actions,
             code_dim=config.code_dim,
             beta=config.commitment_beta,
             dead_code_threshold=config.dead_code_threshold,
         )
-        self.action_embed = nn.Linear(config.code_dim, D)  # quantized action -> added to frame t's tokens
+        self.decoder_embed = PatchEmbed(X, D, g, c, config.patch_padding)
+        if config.action_conditioning == "film":
+            # action -> (scale, shift) of the decoder's input tokens and (scale, shift) of its output tokens
+            self.action_film = nn.Linear(config.code_dim, 4 * D)
+            nn.init.normal_(self.action_film.weight, std=FILM_INIT_STD)
+        else:
+            self.action_film = nn.Linear(config.code_dim, D)  # "add": action added to every token of frame t
+            nn.init.normal_(self.action_film.weight, std=0.02)
+        nn.init.zeros_(self.action_film.bias)
         self.decoder = STTransformer(config.st_config(config.decoder_depth, extra_tokens=0))
-        self.to_pixels = nn.Linear(D, config.patch_dim)
-        for layer in (self.patch_embed, self.to_code, self.action_embed, self.to_pixels):
+        self.to_pixels = nn.Linear(D, X)  # the change of each patch from frame t to t+1
+        for layer in (self.to_code, self.to_pixels):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
         nn.init.normal_(self.action_token_D, std=0.02)
+        # Spatial positions start at zero (and are learned): early on both halves treat every place on screen
+        # alike, so what the encoder reports is what moved and how, not where.
+        with torch.no_grad():
+            self.encoder.pos_spatial_ND.zero_()
+            self.decoder.pos_spatial_ND.zero_()
         self.post_init()
 
     @property
@@ -159,21 +270,47 @@ class LatentActionModel(GeniePreTrainedModel):
         P, g = self.config.patch_size, self.config.grid_size
         return rearrange(x_BTNX, "b t (h w) (p1 p2 c) -> b t (h p1) (w p2) c", h=g, w=g, p1=P, p2=P)
 
+    def centre(self, patches_BTNX: Tensor) -> Tensor:
+        """Subtract each frame's mean colour (when ``centre_frames``): (B, T, N, X) -> (B, T, N, X)."""
+        if not self.config.centre_frames:
+            return patches_BTNX
+        C = self.config.in_channels
+        pixels = rearrange(patches_BTNX, "b t n (p c) -> b t (n p) c", c=C)
+        return rearrange(pixels - pixels.mean(2, keepdim=True), "b t (n p) c -> b t n (p c)", n=patches_BTNX.shape[2])
+
     # ---- halves -------------------------------------------------------------------------------------------
 
     def encode_latents(self, patches_BTNX: Tensor) -> Tensor:
-        """Continuous action latents of transitions 1..T-1: (B, T, N, P*P*C) in [-1, 1] -> (B, T-1, Z)."""
+        """Continuous action latents of transitions 1..T-1: (B, T, N, X) in [-1, 1] -> (B, T-1, Z).
+
+        Normalised (:class:`LatentNorm`) and ready for the quantizer.
+        """
         B, T = patches_BTNX.shape[:2]
-        x_BTND = self.patch_embed(patches_BTNX)
+        x_BTNX = self.centre(patches_BTNX)
+        if self.config.motion_input:
+            # frame t's change since frame t-1 (nothing for the first frame): causal, like the frames themselves
+            motion_BTNX = torch.cat([torch.zeros_like(x_BTNX[:, :1]), x_BTNX[:, 1:] - x_BTNX[:, :-1]], dim=1)
+            x_BTNX = torch.cat([x_BTNX, motion_BTNX], dim=-1)
+        x_BTND = self.encoder_embed(x_BTNX)
         act_BT1D = repeat(self.action_token_D, "d -> b t 1 d", b=B, t=T).to(x_BTND.dtype)
         h_BTND = self.encoder(torch.cat([act_BT1D, x_BTND], dim=2))  # (B, T, 1+N, D)
         # frame t+1's action token has seen frames 1..t+1: it describes transition t -> t+1
-        return self.to_code(h_BTND[:, 1:, 0])  # (B, T-1, Z)
+        return self.latent_norm(self.to_code(h_BTND[:, 1:, 0]))  # (B, T-1, Z)
 
     def decode_next(self, patches_BTNX: Tensor, actions_BTZ: Tensor) -> Tensor:
-        """Predict frames 2..T' from frames 1..T' and actions: (B, T', N, X), (B, T', Z) -> (B, T', N, X)."""
-        x_BTND = self.patch_embed(patches_BTNX) + self.action_embed(actions_BTZ)[:, :, None, :]
-        return self.to_pixels(self.decoder(x_BTND))
+        """Predict frames 2..T' from frames 1..T' and actions: (B, T', N, X), (B, T', Z) -> (B, T', N, X).
+
+        Output t is frame t plus the predicted change, in [-1, 1] pixel units (not clamped).
+        """
+        x_BTND = self.decoder_embed(self.centre(patches_BTNX))
+        cond_BT1E = self.action_film(actions_BTZ.to(x_BTND.dtype))[:, :, None, :]  # E = 4D (film) or D (add)
+        if self.config.action_conditioning == "film":
+            scale_in, shift_in, scale_out, shift_out = cond_BT1E.chunk(4, dim=-1)
+            h_BTND = self.decoder(x_BTND * (1 + scale_in) + shift_in)
+            h_BTND = h_BTND * (1 + scale_out) + shift_out
+        else:
+            h_BTND = self.decoder(x_BTND + cond_BT1E)
+        return patches_BTNX + self.to_pixels(h_BTND)  # residual: copying frame t costs nothing
 
     # ---- API ----------------------------------------------------------------------------------------------
 
@@ -190,9 +327,11 @@ class LatentActionModel(GeniePreTrainedModel):
 
         ``action_ids[:, t]`` is applied after frame t; output t is the predicted frame t+1.
         """
-        if action_ids.min() < 0 or action_ids.max() >= self.num_actions:
+        if action_ids.shape != frames.shape[:2]:
+            raise ValueError(f"need one action per frame: frames {tuple(frames.shape)}, ids {tuple(action_ids.shape)}")
+        if action_ids.numel() and (action_ids.min() < 0 or action_ids.max() >= self.num_actions):
             raise ValueError(f"action ids must be in [0, {self.num_actions}), got {action_ids.unique().tolist()}")
-        codes_BTZ = self.quantizer.lookup(action_ids).to(self.patch_embed.weight.dtype)
+        codes_BTZ = self.quantizer.lookup(action_ids)
         pred = self.decode_next(self.patchify(frames_to_unit(frames)), codes_BTZ)
         return self.unpatchify((pred.float().clamp(-1, 1) + 1) / 2)
 

@@ -58,7 +58,11 @@ def coinrun_learning_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sprites_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Synthetic controllable sprites (K=4 actions, 2 distractors): 1500 training clips, 150 held out."""
+    """Synthetic controllable sprites (K=4 actions, 2 distractors) at 24x24: 1500 training clips, 150 held out.
+
+    The sprite and the distractors are 4x4 and move one 4-pixel step per frame, so with the tiny LAM's patch 4
+    every move is exactly one patch (see configs/tiny/lam.yaml for why). ~3 s to build.
+    """
     from genie.cli import main
 
     out = tmp_path_factory.mktemp("sprites") / "shards"
@@ -67,6 +71,12 @@ def sprites_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "sprites",
         "--out",
         str(out),
+        "--size",
+        "24",
+        "--step",
+        "4",
+        "--sprite-size",
+        "4",
         "--episodes",
         "1500",
         "--val-episodes",
@@ -80,3 +90,64 @@ def sprites_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     assert main(args) == 0
     return out
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train_from_config(config: str, train_shards: str, **stage_overrides) -> tuple:
+    """Build the stage of ``configs/<config>`` and train it for the config's ``max_steps`` on CPU, in-process.
+
+    Returns ``(stage, untrained_net_copy)``. A fixed step budget, so results do not depend on machine load.
+    """
+    import copy
+    import importlib
+
+    import yaml
+    from lightning.pytorch import Trainer, seed_everything
+
+    from genie.data.datamodule import VideoDataModule
+
+    cfg = yaml.safe_load((ROOT / "configs" / config).read_text())
+    seed_everything(cfg.get("seed_everything", 0))
+    module_name, _, cls_name = cfg["model"]["class_path"].rpartition(".")
+    init = {**cfg["model"]["init_args"], **stage_overrides}
+    stage = getattr(importlib.import_module(module_name), cls_name)(**init)
+    untrained = copy.deepcopy(stage.net)
+    data = cfg["data"]
+    dm = VideoDataModule(
+        train_shards,
+        num_frames=data["num_frames"],
+        batch_size=data["batch_size"],
+        num_workers=0,
+        shuffle_buffer=data["shuffle_buffer"],
+        pin_memory=False,
+    )
+    trainer = Trainer(
+        max_steps=cfg["trainer"]["max_steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        enable_model_summary=False,
+    )
+    trainer.fit(stage, dm)
+    stage.net.eval()
+    return stage, untrained
+
+
+@pytest.fixture(scope="session")
+def sprites_lam(sprites_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The tiny LAM (configs/tiny/lam.yaml) trained on the sprites: ``(export folder, trained, untrained)``."""
+    stage, untrained = train_from_config("tiny/lam.yaml", str(sprites_shards / "train"))
+    out = stage.export(tmp_path_factory.mktemp("sprites_lam") / "export")
+    return out, stage.net, untrained
+
+
+@pytest.fixture(scope="session")
+def sprites_tokenizer(sprites_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The tiny world's tokenizer (configs/tiny/sprites_tokenizer.yaml) trained on the sprites: (folder, model)."""
+    stage, _ = train_from_config("tiny/sprites_tokenizer.yaml", str(sprites_shards / "train"))
+    out = stage.export(tmp_path_factory.mktemp("sprites_tokenizer") / "export")
+    return out, stage.net

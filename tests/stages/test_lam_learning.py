@@ -1,0 +1,40 @@
+"""Learning test: the tiny LAM, trained briefly on CPU, discovers the sprites' true actions on held-out clips.
+
+The synthetic sprites source moves a white square by one of K = 4 actions each step, among two distractors
+that bounce at constant velocity (motion no action explains, but predictable from the past frames). The
+LAM never sees the actions; afterwards its latent actions on held-out clips are compared with the truth
+(normalized mutual information, NMI) by ``genie eval lam``'s :func:`~genie.eval.lam.evaluate_lam`.
+
+What it takes to learn this fast is in the docstring of :mod:`genie.models.lam`. For scale: the earlier
+plain LAM (actions added to the decoder's tokens, per-patch embeddings, no residual prediction, no latent
+normalisation) had NMI ~0.0 and next-frame loss stuck near the copy-last-frame level after 330 steps.
+
+Measured (configs/tiny/lam.yaml, 400 steps, 2-core CPU, ~45 s): held-out NMI 0.91 / 0.92 / 0.98 ... over
+training seeds 0 / 1 / 2 ... (see the closing notes for the full sweep), all 6 codes used, next-frame PSNR
+~20.8 dB against 12.8 dB for copying the last frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from genie.eval.lam import evaluate_lam
+
+K = 4  # true actions in the sprites fixture
+
+
+def test_tiny_lam_discovers_the_true_actions(sprites_lam: tuple, sprites_shards: Path):
+    _, trained, untrained = sprites_lam
+    val = str(sprites_shards / "val")
+    before = evaluate_lam(untrained, val, max_clips=150, batch_size=50)
+    m = evaluate_lam(trained, val, max_clips=150, batch_size=50)
+    print(
+        f"held-out NMI {m['nmi']:.3f} (untrained {before['nmi']:.3f}), codes used {m['codes_used']}/"
+        f"{m['num_actions']}, next-frame PSNR {m['next_frame_psnr']:.2f} dB (copy-last-frame "
+        f"{m['copy_last_frame_psnr']:.2f}), confusion (true x latent) {m['confusion']}"
+    )
+    assert m["clips"] == 150 and m["true_actions_seen"] == K
+    assert before["nmi"] < 0.1
+    assert m["nmi"] >= 0.8
+    assert m["codes_used"] >= K  # one code per true action at least: no collapse
+    assert m["next_frame_psnr"] > m["copy_last_frame_psnr"] + 3.0  # the actions explain the frames

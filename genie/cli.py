@@ -16,21 +16,26 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("prep", "coinrun"): ("data_prep.coinrun", "Procgen CoinRun episodes (random policy) -> shards with actions"),
     ("prep", "sprites"): ("data_prep.sprites", "synthetic controllable sprite videos with known actions"),
     ("prep", "inspect"): ("data_prep.inspect", "describe a shard folder and write a contact sheet PNG"),
+    ("prep", "tokenize"): ("data_prep.tokenize", "video shards -> token + latent action shards (dynamics input)"),
+    ("export", "model"): ("genie.export", "a stage checkpoint -> Hugging Face-layout model folder"),
+    ("export", "world"): ("genie.export_world", "tokenizer + LAM + dynamics folders -> one world bundle"),
     ("bench", "data"): ("genie.bench.data", "decoded frames/s through the loader"),
     ("bench", "sample"): ("genie.bench.sample", "milliseconds per generated frame, with and without the cache"),
     ("bench", "train"): ("genie.bench.train", "training step speed of a stage's model (s/step, tokens/s, MFU)"),
     ("eval", "tokenizer"): ("genie.eval.tokenizer", "PSNR/SSIM and codebook usage on held-out clips"),
     ("eval", "lam"): ("genie.eval.lam", "latent action usage and NMI with true actions on held-out clips"),
+    ("eval", "world"): ("genie.eval.world", "teacher-forced accuracy, rollout PSNR/SSIM and controllability"),
 }
 
 GROUP_HELP = {
     "prep": "make and inspect shards",
     "eval": "metrics JSON + PNGs for a trained model",
     "bench": "speed numbers, as a table and JSON",
+    "export": "trained models -> folders to share and load",
 }
 # top-level commands without subcommands: name -> (module, help)
 SINGLE: dict[str, tuple[str, str]] = {
-    "export": ("genie.export", "a stage checkpoint -> Hugging Face-layout model folder"),
+    "rollout": ("genie.rollout", "drive a world with actions from a prompt and write an mp4 or gif"),
 }
 
 
@@ -59,6 +64,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"] and len(argv) > 1 and argv[1] not in {"model", "world", "-h", "--help"}:
+        argv.insert(1, "model")  # `genie export CKPT --out DIR` is short for `genie export model ...`
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
         from genie.train import fit
 
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         # user-facing errors are one line; anything else keeps its traceback
-        if type(e).__name__ in {"PrepError", "DataError", "ConfigError", "FileNotFoundError"}:
+        if type(e).__name__ in {"PrepError", "DataError", "ConfigError", "FileNotFoundError", "ValueError"}:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

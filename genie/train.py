@@ -157,6 +157,17 @@ def config_error_line(message: str) -> str:
     return lines[0] if lines else message
 
 
+def stage_error_line(message: str) -> str | None:
+    """The stage's own error out of jsonargparse's "Does not validate against any of the Union subtypes"."""
+    if "Does not validate against any" not in message:
+        return None
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line:
+            return line[2:]
+    return None
+
+
 def fit(argv: list[str]) -> int:
     """Entry of ``genie fit``; ``argv`` are LightningCLI's arguments (``--config``, overrides)."""
     from argparse import ArgumentError
@@ -179,8 +190,15 @@ def fit(argv: list[str]) -> int:
     except ArgumentError as e:
         print(f"error: bad config: {config_error_line(str(e))} (genie fit --help lists every option)", file=sys.stderr)
         return 2
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # a stage's own check failing while jsonargparse instantiates it arrives wrapped in a union report
+        reason = stage_error_line(str(e))
+        if reason is None:
+            raise
+        print(f"error: {reason}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved_argv

@@ -67,21 +67,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    cfg = DynamicsConfig(num_codes=args.codes, grid_size=args.grid, num_actions=args.actions,
-                         num_frames=args.window, width=args.width, depth=args.depth, num_heads=args.heads,
-                         mlp_ratio=args.mlp / args.width, action_conditioning=args.conditioning)
+    cfg = DynamicsConfig(
+        num_codes=args.codes,
+        grid_size=args.grid,
+        num_actions=args.actions,
+        num_frames=args.window,
+        width=args.width,
+        depth=args.depth,
+        num_heads=args.heads,
+        mlp_ratio=args.mlp / args.width,
+        action_conditioning=args.conditioning,
+    )
     torch.manual_seed(0)
     model = DynamicsModel(cfg).to(device).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     rows = []
     for mode in args.modes.split(","):
         dt = time_generation(model, args, mode == "cache", device)
-        rows.append({"mode": mode, "device": device.type, "tokens": args.grid**2, "width": args.width,
-                     "depth": args.depth, "params_M": params, "context": args.context, "steps": args.steps,
-                     "batch": args.batch_size, "ms_per_frame": dt * 1000, "frames_per_s": args.batch_size / dt})
+        rows.append(
+            {
+                "mode": mode,
+                "device": device.type,
+                "tokens": args.grid**2,
+                "width": args.width,
+                "depth": args.depth,
+                "params_M": params,
+                "context": args.context,
+                "steps": args.steps,
+                "batch": args.batch_size,
+                "ms_per_frame": dt * 1000,
+                "frames_per_s": args.batch_size / dt,
+            }
+        )
         print(f"  {mode}: {dt * 1000:.1f} ms/frame", flush=True)
-    print(format_table(rows, ["mode", "device", "tokens", "width", "depth", "params_M", "context", "steps",
-                              "batch", "ms_per_frame", "frames_per_s"]))
+    print(
+        format_table(
+            rows,
+            [
+                "mode",
+                "device",
+                "tokens",
+                "width",
+                "depth",
+                "params_M",
+                "context",
+                "steps",
+                "batch",
+                "ms_per_frame",
+                "frames_per_s",
+            ],
+        )
+    )
     if len(rows) == 2:
         print(f"cache speed-up: {rows[1]['ms_per_frame'] / rows[0]['ms_per_frame']:.2f}x")
     report = write_report(args.json, "sample", rows)

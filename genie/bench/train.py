@@ -73,8 +73,16 @@ def build_stage(config: Path, stage: str, args: argparse.Namespace) -> Any:
     return cls(**init), cfg
 
 
-def bench_one(stage_mod: Any, batch_size: int, frames: int, steps: int, warmup: int, precision: str,
-              device: torch.device, compile_model: bool) -> dict[str, Any]:
+def bench_one(
+    stage_mod: Any,
+    batch_size: int,
+    frames: int,
+    steps: int,
+    warmup: int,
+    precision: str,
+    device: torch.device,
+    compile_model: bool,
+) -> dict[str, Any]:
     net = stage_mod.net.to(device).train()
     cfg = net.config
     fused = device.type == "cuda"
@@ -83,9 +91,16 @@ def bench_one(stage_mod: Any, batch_size: int, frames: int, steps: int, warmup: 
     if compile_model:
         net.forward = torch.compile(net.forward)
     g = torch.Generator().manual_seed(0)
-    batch = {"frames": torch.randint(0, 256, (batch_size, frames, cfg.image_size, cfg.image_size, cfg.in_channels),
-                                     dtype=torch.uint8, generator=g).to(device)}
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+    batch = {
+        "frames": torch.randint(
+            0,
+            256,
+            (batch_size, frames, cfg.image_size, cfg.image_size, cfg.in_channels),
+            dtype=torch.uint8,
+            generator=g,
+        ).to(device)
+    }
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def one_step() -> None:
         with autocast:
@@ -174,15 +189,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         frames = args.frames or data.get("num_frames", stage_mod.net.config.num_frames)
         row = bench_one(stage_mod, batch_size, frames, args.steps, args.warmup, precision, device, args.compile)
         c = stage_mod.net.config
-        rows.append({"stage": args.stage, "device": device.type, "batch": batch_size, "frames": frames,
-                     "image": c.image_size, "patch": c.patch_size, "width": c.width, **row})
+        rows.append(
+            {
+                "stage": args.stage,
+                "device": device.type,
+                "batch": batch_size,
+                "frames": frames,
+                "image": c.image_size,
+                "patch": c.patch_size,
+                "width": c.width,
+                **row,
+            }
+        )
         print(f"  {args.stage} {precision}: {row['s_per_step']:.3f} s/step", flush=True)
         del stage_mod
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     for r in rows:
         r["peak_rss_GiB"] = peak_rss_gib
-    cols = ["stage", "precision", "batch", "frames", "image", "patch", "width", "params_M", "s_per_step",
-            "samples_per_s", "tokens_per_s", "TFLOP_per_s", "peak_rss_GiB"]
+    cols = [
+        "stage",
+        "precision",
+        "batch",
+        "frames",
+        "image",
+        "patch",
+        "width",
+        "params_M",
+        "s_per_step",
+        "samples_per_s",
+        "tokens_per_s",
+        "TFLOP_per_s",
+        "peak_rss_GiB",
+    ]
     if device.type == "cuda":
         cols += ["mfu", "peak_gpu_mem_GiB"]
     print(format_table(rows, cols))

@@ -29,7 +29,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from genie.data.contract import ACTIONS_MEMBER, META_MEMBER, VIDEO_MEMBER, ClipMeta, npy_load
+from genie.data.contract import (
+    ACTIONS_MEMBER,
+    LATENT_ACTIONS_MEMBER,
+    META_MEMBER,
+    TOKENS_MEMBER,
+    VIDEO_MEMBER,
+    ClipMeta,
+    npy_load,
+)
 from genie.data.video import Backend, DecodeError, decode_clip
 from genie.data.windows import fixed_start, sample_window, window_span
 
@@ -143,8 +151,9 @@ class ClipStream(IterableDataset):
         max_clips: validation only: stop after this many clips per consumer.
 
     Yields:
-        dicts with ``frames`` uint8 ``[B, T, H, W, C]``, ``actions`` (int64 ``[B, T-1]`` or float32
-        ``[B, T-1, A]``, only when every clip of the batch has them), ``keys`` (list of str),
+        dicts with ``frames`` uint8 ``[B, T, H, W, C]`` (video shards) or ``tokens`` int64 ``[B, T, h, w]``
+        and ``latent_actions`` int64 ``[B, T-1]`` (token shards from ``genie prep tokenize``), ``actions``
+        (int64 ``[B, T-1]`` or float32 ``[B, T-1, A]``, only when every clip of the batch has them), ``keys``,
         ``starts`` int64 ``[B]`` (window start frame), ``worker`` (``rank * workers + worker``)
         and ``skipped`` (that worker's cumulative count of bad samples).
     """
@@ -225,8 +234,10 @@ class ClipStream(IterableDataset):
     def load_clip(self, sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
         """Decode one window of one raw sample. Raises on any problem with the sample."""
         key = sample.get("__key__", "?")
-        if VIDEO_MEMBER not in sample:
-            raise DecodeError(f"no {VIDEO_MEMBER} member (has {sorted(k for k in sample if not k.startswith('__'))})")
+        is_tokens = VIDEO_MEMBER not in sample and TOKENS_MEMBER in sample
+        if not is_tokens and VIDEO_MEMBER not in sample:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            raise DecodeError(f"no {VIDEO_MEMBER} or {TOKENS_MEMBER} member (has {members})")
         if META_MEMBER not in sample:
             raise DecodeError(f"no {META_MEMBER} member")
         try:
@@ -243,10 +254,16 @@ class ClipStream(IterableDataset):
             idx = sample_window(meta.frames, self.num_frames, self.frame_stride, start=start)
         else:
             idx = sample_window(meta.frames, self.num_frames, self.frame_stride, rng=rng)
-        frames = decode_clip(sample[VIDEO_MEMBER], idx.tolist(), self.backend)
-        if frames.shape[1:3] != (meta.height, meta.width):
-            raise DecodeError(f"decoded {frames.shape[2]}x{frames.shape[1]}, metadata says {meta.width}x{meta.height}")
-        out: dict[str, Any] = {"key": key, "frames": frames, "start": int(idx[0])}
+        out: dict[str, Any] = {"key": key, "start": int(idx[0])}
+        if is_tokens:
+            out.update(self._load_tokens(sample, meta, idx))
+        else:
+            frames = decode_clip(sample[VIDEO_MEMBER], idx.tolist(), self.backend)
+            if frames.shape[1:3] != (meta.height, meta.width):
+                raise DecodeError(
+                    f"decoded {frames.shape[2]}x{frames.shape[1]}, metadata says {meta.width}x{meta.height}"
+                )
+            out["frames"] = frames
         if ACTIONS_MEMBER in sample:
             actions = npy_load(sample[ACTIONS_MEMBER])
             if actions.shape[0] != meta.frames - 1:
@@ -257,16 +274,31 @@ class ClipStream(IterableDataset):
             raise DecodeError(f"no {ACTIONS_MEMBER} (this run requires actions)")
         return out
 
+    @staticmethod
+    def _load_tokens(sample: dict[str, Any], meta: ClipMeta, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The window of a pre-tokenized clip (``genie prep tokenize``): token ids and latent actions."""
+        tokens = npy_load(sample[TOKENS_MEMBER])  # (T, h, w)
+        if tokens.ndim != 3 or tokens.shape[0] != meta.frames:
+            raise DecodeError(f"{TOKENS_MEMBER} has shape {tokens.shape}, expected ({meta.frames}, h, w)")
+        if LATENT_ACTIONS_MEMBER not in sample:
+            raise DecodeError(f"no {LATENT_ACTIONS_MEMBER} next to {TOKENS_MEMBER}")
+        latent = npy_load(sample[LATENT_ACTIONS_MEMBER])  # (T-1,)
+        if latent.shape != (meta.frames - 1,):
+            raise DecodeError(f"{LATENT_ACTIONS_MEMBER} has shape {latent.shape}, expected ({meta.frames - 1},)")
+        return {"tokens": tokens[idx].astype(np.int64), "latent_actions": latent[idx[:-1]].astype(np.int64)}
+
     # -- batches ------------------------------------------------------------------------------
 
     def _collate(self, clips: list[dict[str, Any]], me: int) -> dict[str, Any]:
         batch: dict[str, Any] = {
-            "frames": torch.from_numpy(np.stack([c["frames"] for c in clips])),  # (B, T, H, W, C) uint8
             "keys": [c["key"] for c in clips],
             "starts": torch.tensor([c["start"] for c in clips], dtype=torch.int64),
             "worker": me,
             "skipped": self.stats.skipped,
         }
+        for name in ("frames", "tokens", "latent_actions"):  # (B, T, H, W, C) uint8 | (B, T, h, w) | (B, T-1)
+            if all(name in c for c in clips):
+                batch[name] = torch.from_numpy(np.stack([c[name] for c in clips]))
         if all("actions" in c for c in clips):
             acts = np.stack([c["actions"] for c in clips])
             batch["actions"] = torch.from_numpy(acts.astype(np.int64 if acts.dtype.kind in "iu" else np.float32))

@@ -147,7 +147,22 @@ class MaskGITSampler:
                 fix_BN.scatter_(1, lowest, False)
             frame_BN = torch.where(fix_BN, sampled_BN, frame_BN)
             masked_BN = masked_BN & ~fix_BN
-        # commit the finished frame to the context
+        self.append(frame_BN, actions_B)
+        return frame_BN
+
+    @torch.no_grad()
+    def masked_logits(self, actions_B: Tensor) -> Tensor:
+        """Logits (B, N, V) for a fully masked next frame under ``actions_B``: the one-step prediction."""
+        if self.history_BTN is None:
+            raise RuntimeError("call reset(context) first")
+        B, _, N = self.history_BTN.shape
+        frame_BN = torch.full((B, N), self.model.config.mask_id, dtype=torch.long, device=self.history_BTN.device)
+        return self._logits(frame_BN, actions_B)
+
+    @torch.no_grad()
+    def append(self, frame_BN: Tensor, actions_B: Tensor) -> None:
+        """Commit a frame (sampled, or the true one for teacher forcing) reached under ``actions_B`` to the context."""
+        assert self.history_BTN is not None and self.lead_BT is not None
         if self.cache is not None:
             self.model.step_logits(frame_BN[:, None], actions_B[:, None], cache=self.cache, update_cache=True)
             # the cache holds what the model needs; keep only a window of ids for callers to read
@@ -158,7 +173,6 @@ class MaskGITSampler:
         self.lead_BT = torch.cat([self.lead_BT, actions_B[:, None]], 1)
         if keep is not None:
             self.history_BTN, self.lead_BT = self.history_BTN[:, -keep:], self.lead_BT[:, -keep:]
-        return frame_BN
 
 
 @torch.no_grad()

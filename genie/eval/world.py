@@ -1,0 +1,198 @@
+"""``genie eval world --world DIR --data SHARDS``: how well a world predicts real clips, and how controllable it is.
+
+For each held-out clip (``context`` prompt frames then ``horizon`` frames to predict):
+
+- **teacher-forced token accuracy**: with the true tokens of every past frame as context and the LAM's
+  action, the dynamics model's most likely token for each token of the next frame (fully masked), against
+  the tokenizer's tokens of the real frame; averaged over the horizon.
+- **rollout PSNR / SSIM per step 1..horizon**: the world, prompted with the context frames and driven by the
+  actions the LAM infers from the real clip, generates the horizon autoregressively; each generated frame
+  is compared with the real one.
+- **ΔtPSNR** (Genie, section 3.2 "Controllability"): the same rollout driven by uniformly random actions
+  instead; ``delta_psnr[t] = psnr_inferred[t] - psnr_random[t]``, reported at t = 4 as ``delta_psnr_t4``.
+  Positive means the latent actions steer the world the way the real clip went.
+- baselines: copying the last context frame (``copy_psnr``), and the tokenizer's own reconstruction of the
+  real frames (``tokenizer_psnr``, what a perfect dynamics model would reach).
+
+Writes ``world_eval.json`` and ``world_eval.png`` (PSNR per step of each).
+
+Dimension keys: B batch, T frames (context + horizon), F horizon, H W pixels, C channels, N tokens per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from genie.data.loader import DataError
+from genie.eval.common import heldout_stream, pick_device, write_json
+from genie.eval.metrics import frame_psnr, frame_ssim
+from genie.models.sampler import MaskGITSampler, SamplerConfig
+
+DELTA_T = 4  # Genie reports ΔtPSNR at t = 4
+
+
+@torch.no_grad()
+def evaluate_world(
+    world: Any,
+    shards: str,
+    context: int = 1,
+    horizon: int = 16,
+    max_clips: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a :class:`~genie.world.World` on the clips of ``shards`` (see the module docstring)."""
+    if context < 1 or horizon < 1:
+        raise ValueError(f"need context >= 1 and horizon >= 1, got {context}, {horizon}")
+    T = context + horizon
+    A = world.num_actions
+    device = world.device
+    sums: dict[str, Any] = {
+        k: torch.zeros(horizon, dtype=torch.float64)
+        for k in ("psnr", "ssim", "psnr_random", "ssim_random", "copy_psnr", "tokenizer_psnr", "acc")
+    }
+    clips = skipped = 0
+    rng = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=max_clips, desc="eval world", unit="clip", dynamic_ncols=True)
+    for b, batch in enumerate(heldout_stream(shards, T, batch_size, world.image_size, max_clips)):
+        frames = batch["frames"].to(device)  # (B, T, H, W, C) uint8
+        B = frames.shape[0]
+        real = frames[:, context:]  # (B, F, H, W, C)
+        actions = world.lam.infer_actions(frames)  # (B, T-1)
+        tokens_BThw = world.tokenizer.encode(frames)
+        tokens = tokens_BThw.flatten(2)  # (B, T, N)
+
+        # teacher forcing: true past tokens, one fully masked frame at a time
+        sampler = MaskGITSampler(world.dynamics, SamplerConfig(steps=1, temperature=0.0))
+        sampler.reset(tokens[:, :context], actions[:, : context - 1])
+        for f in range(horizon):
+            a = actions[:, context - 1 + f]
+            pred = sampler.masked_logits(a).argmax(-1)
+            sums["acc"][f] += (pred == tokens[:, context + f]).float().mean(1).sum().cpu().double()
+            sampler.append(tokens[:, context + f], a)
+
+        # rollouts: inferred vs random actions, from the same seed
+        ctx_actions = actions[:, : context - 1]
+        world.seed(seed + b)
+        gen = torch.from_numpy(world.rollout(frames[:, :context], actions[:, context - 1 :], ctx_actions)).to(device)
+        random_actions = torch.randint(0, A, (B, horizon), generator=rng).to(device)
+        world.seed(seed + b)
+        gen_rand = torch.from_numpy(world.rollout(frames[:, :context], random_actions, ctx_actions)).to(device)
+        recon = world.tokenizer.decode(tokens_BThw)
+        copy = frames[:, context - 1 : context].expand_as(real)
+
+        sums["psnr"] += frame_psnr(gen, real).sum(0).cpu().double()
+        sums["ssim"] += frame_ssim(gen, real).sum(0).cpu().double()
+        sums["psnr_random"] += frame_psnr(gen_rand, real).sum(0).cpu().double()
+        sums["ssim_random"] += frame_ssim(gen_rand, real).sum(0).cpu().double()
+        sums["copy_psnr"] += frame_psnr(copy, real).sum(0).cpu().double()
+        sums["tokenizer_psnr"] += frame_psnr(recon[:, context:], real).sum(0).cpu().double()
+        clips += B
+        skipped = int(batch["skipped"])
+        bar.update(B)
+    bar.close()
+    if clips == 0:
+        raise DataError(
+            f"no readable {world.image_size}x{world.image_size} clips of {T}+ frames (context {context} + horizon "
+            f"{horizon}) in {shards}: lower --horizon or use longer clips"
+        )
+    per_step = {k: (v / clips).tolist() for k, v in sums.items()}
+    delta = [p - r for p, r in zip(per_step["psnr"], per_step["psnr_random"], strict=True)]
+    t4 = min(DELTA_T, horizon)
+    return {
+        "clips": clips,
+        "context": context,
+        "horizon": horizon,
+        "num_actions": A,
+        "sampler": dataclasses.asdict(world.sampler_config),
+        "teacher_forced_token_accuracy": float(np.mean(per_step["acc"])),
+        "teacher_forced_accuracy_per_step": per_step["acc"],
+        "psnr_per_step": per_step["psnr"],
+        "ssim_per_step": per_step["ssim"],
+        "psnr_random_per_step": per_step["psnr_random"],
+        "ssim_random_per_step": per_step["ssim_random"],
+        "copy_psnr_per_step": per_step["copy_psnr"],
+        "tokenizer_psnr_per_step": per_step["tokenizer_psnr"],
+        "delta_psnr_per_step": delta,
+        "delta_psnr_t": t4,
+        "delta_psnr_t4": delta[t4 - 1],
+        "psnr_mean": float(np.mean(per_step["psnr"])),
+        "copy_psnr_mean": float(np.mean(per_step["copy_psnr"])),
+        "skipped_samples": skipped,
+    }
+
+
+def plot_world(report: dict[str, Any], path: Path) -> Path:
+    """PSNR per rollout step: inferred actions, random actions, copy-last-frame and tokenizer bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(1, report["horizon"] + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ax = axes[0]
+    ax.plot(steps, report["psnr_per_step"], "o-", label="inferred actions")
+    ax.plot(steps, report["psnr_random_per_step"], "s--", label="random actions")
+    ax.plot(steps, report["copy_psnr_per_step"], ":", label="copy last frame")
+    ax.plot(steps, report["tokenizer_psnr_per_step"], "-", alpha=0.5, label="tokenizer reconstruction")
+    ax.set_xlabel("rollout step")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(f"ΔtPSNR(t={report['delta_psnr_t']}) = {report['delta_psnr_t4']:.2f} dB")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(steps, report["teacher_forced_accuracy_per_step"], "o-")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("teacher-forced token accuracy")
+    ax.set_title(f"mean {report['teacher_forced_token_accuracy']:.3f}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from genie.export_world import add_sampler_arguments
+
+    parser.add_argument("--world", type=Path, required=True, help="world bundle folder (genie export world)")
+    parser.add_argument("--data", required=True, help="held-out video shards")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: WORLD/eval)")
+    parser.add_argument("--clips", type=int, default=64, help="at most this many clips (default 64)")
+    parser.add_argument("--context", type=int, default=1, help="prompt frames (default 1)")
+    parser.add_argument(
+        "--horizon", type=int, default=None, help="steps to roll out (default: 16, or what clips allow)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
+    add_sampler_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from genie.data.loader import probe_meta
+    from genie.export_world import sampler_from
+    from genie.world import World
+
+    world = World.from_pretrained(args.world, device=pick_device(args.device), sampler=sampler_from(args))
+    horizon = args.horizon
+    if horizon is None:
+        horizon = max(1, min(16, probe_meta(args.data).frames - args.context))
+    report = evaluate_world(world, args.data, args.context, horizon, args.clips, args.batch_size, args.seed)
+    out = args.out or args.world / "eval"
+    write_json(out, "world_eval.json", report)
+    plot_world(report, out / "world_eval.png")
+    print(
+        f"teacher-forced token accuracy {report['teacher_forced_token_accuracy']:.3f}; rollout PSNR "
+        f"{report['psnr_mean']:.2f} dB (copy-last-frame {report['copy_psnr_mean']:.2f}); "
+        f"ΔtPSNR(t={report['delta_psnr_t']}) {report['delta_psnr_t4']:+.2f} dB on {report['clips']} clips -> {out}"
+    )
+    return report

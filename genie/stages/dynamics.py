@@ -1,0 +1,146 @@
+"""Dynamics stage: train the MaskGIT dynamics model on tokens of a frozen tokenizer and actions of a frozen LAM.
+
+Dimension keys: B batch, T frames, h w token grid, N tokens per frame, V codebook size, A latent actions.
+
+The stage reads either video shards (each batch is tokenized and its latent actions inferred on the fly
+by the frozen models, under ``no_grad``: the actions are stop-gradient) or token shards written by
+``genie prep tokenize`` (``tokens`` + ``latent_actions`` already in the batch: no tokenizer or LAM
+forward pass at all). The frozen models are loaded from their exported folders, lazily and only when a
+batch needs them, and are not part of the stage's checkpoint: the checkpoint holds the dynamics model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from genie.models.dynamics import DynamicsConfig, DynamicsModel
+from genie.models.hub import model_fields
+from genie.models.lam import LatentActionModel
+from genie.models.tokenizer import VideoTokenizer
+from genie.stages.base import OptimConfig, StageModule
+from genie.train import ConfigError
+from genie.world import check_compatible
+
+
+class ConfigMismatch(ConfigError):
+    """The dynamics config does not fit the frozen tokenizer / LAM."""
+
+
+def read_config(folder: str | Path, what: str) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {folder} is not an exported model folder (no config.json): train it first")
+    return json.loads(path.read_text())
+
+
+class _Cfg:
+    """Attribute view of a config.json dict (for :func:`check_compatible` without loading weights)."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.__dict__.update(data)
+        if "grid_size" not in data and "image_size" in data and "patch_size" in data:
+            self.grid_size = data["image_size"] // data["patch_size"]
+
+
+class FrozenEncoders:
+    """The frozen tokenizer and LAM that turn frames into dynamics inputs (not an ``nn.Module``: never trained,
+    never checkpointed).
+
+    Args:
+        tokenizer, lam: exported model folders.
+    """
+
+    def __init__(self, tokenizer: str | Path, lam: str | Path):
+        self.tokenizer_path, self.lam_path = Path(tokenizer), Path(lam)
+        self.tokenizer: VideoTokenizer | None = None
+        self.lam: LatentActionModel | None = None
+
+    def load(self, device: torch.device) -> FrozenEncoders:
+        if self.tokenizer is None or self.lam is None:
+            self.tokenizer = VideoTokenizer.from_pretrained(self.tokenizer_path).eval().requires_grad_(False)
+            self.lam = LatentActionModel.from_pretrained(self.lam_path).eval().requires_grad_(False)
+        self.tokenizer.to(device)
+        self.lam.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, frames_BTHWC: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 frames (B, T, H, W, C) -> token ids (B, T, h, w), latent actions (B, T-1)."""
+        self.load(frames_BTHWC.device)
+        assert self.tokenizer is not None and self.lam is not None
+        return self.tokenizer.encode(frames_BTHWC), self.lam.infer_actions(frames_BTHWC)
+
+
+class DynamicsStage(StageModule):
+    """LightningModule training a :class:`~genie.models.dynamics.DynamicsModel`.
+
+    Args:
+        model: the dynamics model's config; ``num_codes``, ``grid_size`` and ``num_actions`` must match the
+            frozen tokenizer and LAM (checked at construction, with the fix in the error).
+        tokenizer: exported tokenizer folder (``<run>/export`` of the tokenizer stage).
+        lam: exported LAM folder.
+        optim: optimizer and schedule.
+    """
+
+    config_class = DynamicsConfig
+
+    def __init__(
+        self,
+        model: DynamicsConfig | None = None,
+        tokenizer: str = "runs/tokenizer/export",
+        lam: str = "runs/lam/export",
+        optim: OptimConfig | None = None,
+    ):
+        super().__init__(optim)
+        cfg = model if isinstance(model, DynamicsConfig) else DynamicsConfig(**(model or {}))
+        tok_cfg, lam_cfg = read_config(tokenizer, "tokenizer"), read_config(lam, "LAM")
+        try:
+            check_compatible(_Cfg(tok_cfg), _Cfg(lam_cfg), cfg)
+        except ValueError as e:
+            fix = f"set model.num_codes={tok_cfg.get('num_codes')}, model.grid_size="
+            fix += f"{tok_cfg['image_size'] // tok_cfg['patch_size']}, model.num_actions={lam_cfg.get('num_actions')}"
+            raise ConfigMismatch(f"{e} ({fix})") from None
+        self.image_size = int(tok_cfg["image_size"])
+        self.net = DynamicsModel(cfg)
+        self.frozen = FrozenEncoders(tokenizer, lam)
+        self.save_plain_hparams(model=model_fields(cfg), tokenizer=str(tokenizer), lam=str(lam))
+
+    def expected_resolution(self) -> int:
+        return self.image_size
+
+    def expected_frames(self) -> int:
+        return self.net.config.num_frames
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Token ids (B, T, h, w) and latent actions (B, T-1) of a batch of video or token shards."""
+        if "tokens" in batch:
+            return batch["tokens"].long(), batch["latent_actions"].long()
+        return self.frozen(batch["frames"])
+
+    def training_loss(self, batch: dict[str, Any]) -> Tensor:
+        tokens, actions = self.inputs(batch)
+        return self.net(tokens, actions).loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        tokens, actions = self.inputs(batch)
+        out = self.net(tokens, actions)
+        self.log_dict({"train/loss": out.loss, "train/accuracy": out.accuracy}, on_step=True, on_epoch=False)
+        self.log_data_stats(batch)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        tokens, actions = self.inputs(batch)
+        n = tokens.shape[0]
+        out = self.net(tokens, actions)  # the training objective, random masks
+        self.log("val/loss", out.loss, batch_size=n, sync_dist=True)
+        self.log("val/accuracy", out.accuracy, batch_size=n, sync_dist=True)
+        # teacher-forced next frame: every token of the last frame masked, true past frames visible
+        mask = torch.zeros(tokens.flatten(2).shape, dtype=torch.bool, device=tokens.device)
+        mask[:, -1] = True
+        last = self.net(tokens, actions, mask=mask)
+        self.log("val/next_frame_accuracy", last.accuracy, batch_size=n, sync_dist=True, prog_bar=True)

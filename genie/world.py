@@ -1,0 +1,289 @@
+"""The World: a trained tokenizer, LAM and dynamics model as one steppable, controllable environment.
+
+Dimension keys: B batch, T frames, F generated frames, H W pixels, C channels, h w token grid,
+N tokens per frame (h * w), A latent actions.
+
+A world bundle is a folder with one exported model per part (``genie export world`` writes it)::
+
+    WORLD/world.json         {"format": "genie-world", "version": 1, "parts": {...}, "sampler": {...}}
+    WORLD/tokenizer/         config.json + model.safetensors   (VideoTokenizer)
+    WORLD/lam/               config.json + model.safetensors   (LatentActionModel)
+    WORLD/dynamics/          config.json + model.safetensors   (DynamicsModel)
+
+Stepping: the prompt frames are tokenized; each :meth:`World.step` samples the next frame's tokens with
+MaskGIT (:class:`~genie.models.sampler.MaskGITSampler`, whose KV cache holds the past frames) and decodes
+only that frame with the tokenizer's decoder, which keeps its own KV cache of past frames. So a step costs
+one frame of dynamics and decoder compute, however long the rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from genie.models.blocks import KVCache
+from genie.models.dynamics import DynamicsModel
+from genie.models.lam import LatentActionModel
+from genie.models.sampler import MaskGITSampler, SamplerConfig
+from genie.models.tokenizer import VideoTokenizer
+
+WORLD_FORMAT = "genie-world"
+WORLD_VERSION = 1
+PARTS = ("tokenizer", "lam", "dynamics")
+
+
+def check_compatible(tokenizer: Any, lam: Any, dynamics: Any) -> None:
+    """Raise ValueError naming the mismatch when three model configs cannot form a world.
+
+    Accepts the models or their configs (anything with the config fields).
+    """
+    tok, la, dyn = (getattr(m, "config", m) for m in (tokenizer, lam, dynamics))
+    problems = []
+    if dyn.num_codes != tok.num_codes:
+        problems.append(f"dynamics num_codes={dyn.num_codes} but the tokenizer has {tok.num_codes} codes")
+    if dyn.grid_size != tok.grid_size:
+        problems.append(f"dynamics grid_size={dyn.grid_size} but the tokenizer's grid is {tok.grid_size}")
+    if dyn.num_actions != la.num_actions:
+        problems.append(f"dynamics num_actions={dyn.num_actions} but the LAM has {la.num_actions} actions")
+    if la.image_size != tok.image_size:
+        problems.append(f"LAM image_size={la.image_size} but the tokenizer's is {tok.image_size}")
+    if problems:
+        raise ValueError("models do not fit together: " + "; ".join(problems))
+
+
+def frames_uint8(frames: Tensor) -> np.ndarray:
+    """Decoder output in [0, 1] -> uint8 numpy with the same leading shape."""
+    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+class World:
+    """A learned interactive environment driven by latent actions.
+
+    Usage::
+
+        world = World.from_pretrained("runs/world", seed=0)
+        frame = world.reset(prompt_uint8_HW3)          # or a (T, H, W, 3) clip as context
+        frame = world.step(3)                          # uint8 (H, W, 3)
+        ids = world.infer_actions(video_uint8_THW3)    # latent action of each transition
+
+    Args:
+        tokenizer, lam, dynamics: the three trained models (eval mode is set here).
+        sampler: MaskGIT sampling settings.
+        device: where the models run.
+        seed: seed of the sampling generator (see :meth:`seed`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: VideoTokenizer,
+        lam: LatentActionModel,
+        dynamics: DynamicsModel,
+        sampler: SamplerConfig | None = None,
+        device: str | torch.device = "cpu",
+        seed: int | None = None,
+    ):
+        check_compatible(tokenizer, lam, dynamics)
+        self.device = torch.device(device)
+        self.tokenizer = tokenizer.to(self.device).eval()
+        self.lam = lam.to(self.device).eval()
+        self.dynamics = dynamics.to(self.device).eval()
+        self.sampler_config = sampler or SamplerConfig()
+        self.generator = torch.Generator(device=self.device)
+        self.seed(seed)
+        self._sampler: MaskGITSampler | None = None
+        self._decoder_cache: KVCache | None = None
+
+    # -- loading and saving ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        sampler: SamplerConfig | None = None,
+        seed: int | None = None,
+    ) -> World:
+        """Load a world bundle folder (see the module docstring); ValueError names any missing part."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"world bundle {path} does not exist (make one with `genie export world`)")
+        missing = [
+            f"{p}/{f}" for p in PARTS for f in ("config.json", "model.safetensors") if not (path / p / f).is_file()
+        ]
+        if missing:
+            raise ValueError(f"world bundle {path} is missing {', '.join(missing)}: re-run `genie export world`")
+        meta: dict[str, Any] = {}
+        if (path / "world.json").is_file():
+            meta = json.loads((path / "world.json").read_text())
+        if sampler is None:
+            sampler = SamplerConfig(**meta.get("sampler", {}))
+        return cls(
+            VideoTokenizer.from_pretrained(path / "tokenizer"),
+            LatentActionModel.from_pretrained(path / "lam"),
+            DynamicsModel.from_pretrained(path / "dynamics"),
+            sampler=sampler,
+            device=device,
+            seed=seed,
+        )
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write this world as a bundle folder."""
+        return write_bundle(path, self.tokenizer, self.lam, self.dynamics, self.sampler_config)
+
+    # -- properties -----------------------------------------------------------------------------------
+
+    @property
+    def num_actions(self) -> int:
+        """A: the latent actions :meth:`step` accepts (0..A-1)."""
+        return self.dynamics.num_actions
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.config.image_size
+
+    def seed(self, seed: int | None) -> None:
+        """Seed the sampling (None: a fresh random seed). The same seed, prompt and actions give the same frames."""
+        self.generator.manual_seed(int(torch.seed()) if seed is None else seed)
+
+    # -- checks ---------------------------------------------------------------------------------------
+
+    def as_frames(self, frames: np.ndarray | Tensor, what: str) -> Tensor:
+        """uint8 (H, W, C) / (T, H, W, C) / (B, T, H, W, C) -> (B, T, H, W, C) uint8 tensor on the device."""
+        x = frames if isinstance(frames, Tensor) else torch.from_numpy(np.array(frames))
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim == 4:
+            x = x[None]
+        S = self.image_size
+        if x.ndim != 5 or tuple(x.shape[2:]) != (S, S, 3):
+            raise ValueError(
+                f"{what} must be uint8 frames of shape (H, W, 3), (T, H, W, 3) or (B, T, H, W, 3) with "
+                f"H = W = {S} (this world's size), got {tuple(x.shape)}: resize the input to {S}x{S}"
+            )
+        if x.dtype != torch.uint8:
+            raise ValueError(f"{what} must be uint8 (0..255), got {x.dtype}")
+        return x.to(self.device)
+
+    def check_actions(self, actions: Tensor) -> Tensor:
+        actions = torch.as_tensor(actions, dtype=torch.long, device=self.device)
+        if actions.numel() and (actions.min() < 0 or actions.max() >= self.num_actions):
+            bad = sorted({int(a) for a in actions.flatten().tolist() if not 0 <= a < self.num_actions})
+            raise ValueError(
+                f"actions must be in 0..{self.num_actions - 1} (this world has {self.num_actions}), got {bad}"
+            )
+        return actions
+
+    # -- stepping -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self, prompt: np.ndarray | Tensor, actions: Any = None) -> np.ndarray:
+        """Start from prompt frames: uint8 (H, W, 3) or a (T, H, W, 3) context clip.
+
+        ``actions`` (T-1 latent actions between the context frames) default to the LAM's inference.
+        Returns the last prompt frame as the world sees it (tokenized and decoded), uint8 (H, W, 3).
+        """
+        frames_BTHWC = self.as_frames(prompt, "prompt")
+        if frames_BTHWC.shape[0] != 1:
+            raise ValueError("reset takes one prompt; use rollout() for batches")
+        return self.begin(frames_BTHWC, None if actions is None else self.check_actions(actions)[None])[0]
+
+    @torch.no_grad()
+    def step(self, action: int) -> np.ndarray:
+        """Apply one latent action (0..A-1) and return the next frame, uint8 (H, W, 3)."""
+        if self._sampler is None:
+            raise RuntimeError("call reset(prompt) before step(action)")
+        return self.advance(self.check_actions(torch.tensor([action])))[0]
+
+    @torch.no_grad()
+    def begin(self, frames_BTHWC: Tensor, actions_BT: Tensor | None = None) -> np.ndarray:
+        """Batched reset: context frames (B, T, H, W, C) uint8 -> the last context frame decoded (B, H, W, C)."""
+        T = frames_BTHWC.shape[1]
+        if self.dynamics.config.num_frames < T:
+            frames_BTHWC = frames_BTHWC[:, -self.dynamics.config.num_frames :]  # the window the model can see
+            actions_BT = None if actions_BT is None else actions_BT[:, -(frames_BTHWC.shape[1] - 1) :]
+            T = frames_BTHWC.shape[1]
+        if actions_BT is None:
+            actions_BT = self.lam.infer_actions(frames_BTHWC) if T > 1 else frames_BTHWC.new_zeros(len(frames_BTHWC), 0)
+        tokens_BThw = self.tokenizer.encode(frames_BTHWC)
+        self._sampler = MaskGITSampler(self.dynamics, self.sampler_config)
+        self._sampler.reset(tokens_BThw.flatten(2), actions_BT.long())
+        self._decoder_cache = self.tokenizer.make_decoder_cache()
+        decoded = self.tokenizer.decode(tokens_BThw, cache=self._decoder_cache)
+        return frames_uint8(decoded[:, -1])
+
+    @torch.no_grad()
+    def advance(self, actions_B: Tensor) -> np.ndarray:
+        """Batched step: one action per sequence (B,) -> next frames uint8 (B, H, W, C)."""
+        assert self._sampler is not None and self._decoder_cache is not None
+        tokens_BN = self._sampler.next_frame(actions_B, generator=self.generator)
+        g = self.dynamics.config.grid_size
+        decoded = self.tokenizer.decode(tokens_BN.view(-1, 1, g, g), cache=self._decoder_cache)
+        return frames_uint8(decoded[:, 0])
+
+    @torch.no_grad()
+    def rollout(self, prompt_BTHWC: Tensor, actions_BF: Tensor, context_actions_BT: Tensor | None = None) -> np.ndarray:
+        """Generate F frames for a batch of prompts under given actions: uint8 (B, F, H, W, C)."""
+        prompt = self.as_frames(prompt_BTHWC, "prompt")
+        actions = self.check_actions(actions_BF)
+        if actions.ndim != 2 or actions.shape[0] != prompt.shape[0]:
+            raise ValueError(f"actions must be (B, F) with B = {prompt.shape[0]} prompts, got {tuple(actions.shape)}")
+        self.begin(prompt, context_actions_BT)
+        return np.stack([self.advance(actions[:, f]) for f in range(actions.shape[1])], axis=1)
+
+    @torch.no_grad()
+    def infer_actions(self, video: np.ndarray | Tensor) -> np.ndarray:
+        """Latent action of each transition of a clip: uint8 (T, H, W, 3) -> int64 (T-1,); batches (B, T-1)."""
+        batched = np.ndim(video) == 5
+        frames = self.as_frames(video, "video")
+        if frames.shape[1] < 2:
+            raise ValueError("infer_actions needs at least 2 frames")
+        ids = self.lam.infer_actions(frames).cpu().numpy()
+        return ids if batched else ids[0]
+
+
+def write_bundle(
+    out: str | Path,
+    tokenizer: VideoTokenizer | str | Path,
+    lam: LatentActionModel | str | Path,
+    dynamics: DynamicsModel | str | Path,
+    sampler: SamplerConfig | None = None,
+) -> Path:
+    """Assemble a world bundle from three models (objects or exported folders); checks they fit together."""
+    out = Path(out)
+    loaded = []
+    for name, part, cls in (
+        ("tokenizer", tokenizer, VideoTokenizer),
+        ("lam", lam, LatentActionModel),
+        ("dynamics", dynamics, DynamicsModel),
+    ):
+        if isinstance(part, str | Path):
+            folder = Path(part)
+            if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+                raise ValueError(f"--{name} {folder} is not an exported model folder (config.json + model.safetensors)")
+            part = cls.from_pretrained(folder)
+        if not isinstance(part, cls):
+            raise ValueError(f"{name} must be a {cls.__name__}, got {type(part).__name__}")
+        loaded.append(part)
+    check_compatible(*loaded)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in zip(PARTS, loaded, strict=True):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        model.save_pretrained(out / name)
+    meta = {
+        "format": WORLD_FORMAT,
+        "version": WORLD_VERSION,
+        "parts": {name: type(m).__name__ for name, m in zip(PARTS, loaded, strict=True)},
+        "num_actions": loaded[2].num_actions,
+        "image_size": loaded[0].config.image_size,
+        "sampler": dataclasses.asdict(sampler or SamplerConfig()),
+    }
+    (out / "world.json").write_text(json.dumps(meta, indent=1))
+    return out

@@ -1,0 +1,136 @@
+"""The dynamics stage as a user runs it: `genie prep tokenize`, `genie fit` from video or token shards, export,
+config checks against the frozen parts, and the big configs scaled down."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from genie.cli import main
+from genie.data.contract import LATENT_ACTIONS_MEMBER, TOKENS_MEMBER, VIDEO_MEMBER, npy_load, read_samples
+from genie.data.video import decode_clip
+from genie.models.lam import LAMConfig, LatentActionModel
+from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
+from genie.stages.base import load_stage_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny" / "dynamics.yaml")
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory) -> tuple[Path, Path]:
+    """Untrained 24 px tokenizer (128 codes) and LAM (6 actions) in exported folders: the tiny world's shapes."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("frozen")
+    small = dict(image_size=24, patch_size=4, width=32, num_heads=2, mlp_ratio=2.0, encoder_depth=1, decoder_depth=1)
+    VideoTokenizer(TokenizerConfig(num_frames=8, code_dim=8, num_codes=128, **small)).save_pretrained(root / "tok")
+    LatentActionModel(LAMConfig(num_frames=4, code_dim=4, num_actions=6, **small)).save_pretrained(root / "lam")
+    return root / "tok", root / "lam"
+
+
+def fit_args(config: str, train: Path, val: Path, root: Path, tok: Path, lam: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        config,
+        f"--model.init_args.tokenizer={tok}",
+        f"--model.init_args.lam={lam}",
+        f"--data.train_shards={train}",
+        f"--data.val_shards={val}",
+        "--data.num_workers=0",
+        "--data.batch_size=4",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def token_shards(sprites_shards: Path, frozen: tuple, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokens")
+    for split in ("train", "val"):
+        args = ["prep", "tokenize", "--data", str(sprites_shards / split), "--out", str(out / split)]
+        assert main([*args, "--tokenizer", str(frozen[0]), "--lam", str(frozen[1]), "--device", "cpu"]) == 0
+    return out
+
+
+def test_tokenize_mirrors_the_shards_and_matches_the_models(sprites_shards: Path, token_shards: Path, frozen):
+    src = sorted((sprites_shards / "val").glob("*.tar"))
+    dst = sorted((token_shards / "val").glob("*.tar"))
+    assert [p.name for p in src] == [p.name for p in dst]
+    tok, lam = VideoTokenizer.from_pretrained(frozen[0]), LatentActionModel.from_pretrained(frozen[1])
+    (key, members), (key2, tokened) = read_samples(src[0])[3], read_samples(dst[0])[3]
+    assert key == key2 and VIDEO_MEMBER not in tokened
+    frames = torch.from_numpy(decode_clip(members[VIDEO_MEMBER], list(range(16))))[None]
+    tokens, latent = npy_load(tokened[TOKENS_MEMBER]), npy_load(tokened[LATENT_ACTIONS_MEMBER])
+    assert tokens.dtype == np.uint16 and tokens.shape == (16, 6, 6) and latent.shape == (15,)
+    assert np.array_equal(tokens, tok.encode(frames)[0].numpy())
+    assert np.array_equal(latent, lam.infer_actions(frames)[0].numpy())
+    assert np.array_equal(npy_load(tokened["actions.npy"]), npy_load(members["actions.npy"]))
+    meta = json.loads(tokened["json"])
+    assert meta["extra"]["tokenized"]["num_codes"] == 128
+
+
+def test_tokenize_skips_bad_clips_and_resumes(sprites_shards: Path, frozen, tmp_path: Path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = read_samples(sorted((sprites_shards / "val").glob("*.tar"))[0])[:5]
+    with tarfile.open(src / "s-000000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        from genie.data.contract import write_sample
+
+        for i, (key, members) in enumerate(good):
+            write_sample(tar, key, {**members, VIDEO_MEMBER: b"not a video"} if i == 2 else members)
+    args = ["prep", "tokenize", "--data", str(src), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    args += ["--tokenizer", str(frozen[0]), "--lam", str(frozen[1])]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["clips"] == 4 and summary["skipped"] == 1 and good[2][0] in summary["skip_reasons"]
+    assert len(read_samples(tmp_path / "out" / "s-000000.tar")) == 4
+    assert main(args) == 0
+    assert "1 shard(s) already done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source", ["video", "tokens"])
+def test_fit_from_video_or_token_shards(source: str, sprites_shards: Path, token_shards: Path, frozen, tmp_path: Path):
+    shards = sprites_shards if source == "video" else token_shards
+    root = tmp_path / "run"
+    args = fit_args(TINY, shards / "train", shards / "val", root, *frozen, "--trainer.max_steps=3")
+    assert main([*args, "--trainer.val_check_interval=3"]) == 0
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(k.startswith("net.") for k in ckpt["state_dict"])  # the frozen parts are not checkpointed
+    stage = load_stage_checkpoint(root / "checkpoints" / "last.ckpt")
+    assert stage.net.config.num_codes == 128 and stage.net.config.num_actions == 6
+    cfg = json.loads((root / "export" / "config.json").read_text())
+    assert cfg["model_type"] == "genie_dynamics" and cfg["grid_size"] == 6
+
+
+def test_config_that_does_not_fit_the_frozen_parts_is_one_line(sprites_shards: Path, frozen, tmp_path: Path, capsys):
+    args = fit_args(TINY, sprites_shards / "train", sprites_shards / "val", tmp_path, *frozen, "--trainer.max_steps=1")
+    assert main([*args, "--model.init_args.model.num_codes=1024"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "num_codes=1024 but the tokenizer has 128" in err and "num_codes=128" in err
+    args = fit_args(TINY, sprites_shards / "train", sprites_shards / "val", tmp_path, tmp_path / "nope", frozen[1])
+    assert main([*args, "--trainer.max_steps=1"]) == 2
+    assert "not an exported model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setup", ["coinrun", "large"])
+def test_gpu_configs_scaled_down_run_a_step(setup: str, sprites_shards: Path, frozen, tmp_path: Path):
+    config = ROOT / "configs" / setup / "dynamics.yaml"
+    want = yaml.safe_load(config.read_text())["model"]["init_args"]["model"]
+    args = fit_args(str(config), sprites_shards / "train", sprites_shards / "val", tmp_path / setup, *frozen)
+    scaled = ["--model.init_args.model.num_codes=128", "--model.init_args.model.grid_size=6"]
+    scaled += ["--model.init_args.model.num_actions=6", "--model.init_args.model.width=32"]
+    scaled += ["--model.init_args.model.depth=1", "--model.init_args.model.num_heads=2", "--data.num_frames=4"]
+    extra = ["--trainer.max_steps=1", "--trainer.devices=1", "--trainer.limit_val_batches=0"]
+    assert main([*args, *scaled, *extra]) == 0
+    cfg = json.loads((tmp_path / setup / "export" / "config.json").read_text())
+    assert cfg["num_frames"] == want["num_frames"] and cfg["action_conditioning"] == want["action_conditioning"]

@@ -1,0 +1,169 @@
+"""World API, bundle and CLI behaviour on small untrained models (learning is tested in tests/stages)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genie.cli import main
+from genie.models.dynamics import DynamicsConfig, DynamicsModel
+from genie.models.lam import LAMConfig, LatentActionModel
+from genie.models.sampler import SamplerConfig
+from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
+from genie.world import World, write_bundle
+
+S, P, V, A = 16, 4, 32, 5
+
+
+def parts(num_codes: int = V, actions: int = A) -> tuple:
+    torch.manual_seed(0)
+    small = dict(width=32, num_heads=2, mlp_ratio=2.0)
+    tok = VideoTokenizer(
+        TokenizerConfig(
+            image_size=S,
+            patch_size=P,
+            num_frames=4,
+            encoder_depth=1,
+            decoder_depth=1,
+            code_dim=8,
+            num_codes=num_codes,
+            **small,
+        )
+    )
+    lam = LatentActionModel(
+        LAMConfig(
+            image_size=S,
+            patch_size=P,
+            num_frames=4,
+            encoder_depth=1,
+            decoder_depth=1,
+            code_dim=4,
+            num_actions=actions,
+            **small,
+        )
+    )
+    dyn = DynamicsModel(DynamicsConfig(num_codes=V, grid_size=S // P, num_actions=A, num_frames=4, depth=1, **small))
+    return tok, lam, dyn
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return write_bundle(tmp_path_factory.mktemp("w") / "world", *parts(), SamplerConfig(steps=2))
+
+
+def frames(t: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (t, S, S, 3), dtype=np.uint8)
+
+
+def test_bundle_layout_and_loading(bundle: Path):
+    meta = json.loads((bundle / "world.json").read_text())
+    assert meta["format"] == "genie-world" and meta["num_actions"] == A and meta["sampler"]["steps"] == 2
+    for part in ("tokenizer", "lam", "dynamics"):
+        assert (bundle / part / "model.safetensors").is_file()
+    world = World.from_pretrained(bundle, seed=0)
+    assert world.num_actions == A and world.sampler_config.steps == 2 and world.image_size == S
+
+
+def test_reset_step_shapes_and_seeded_sampling(bundle: Path):
+    world = World.from_pretrained(bundle)
+    outs = []
+    for _ in range(2):
+        world.seed(7)
+        first = world.reset(frames(1)[0])
+        assert first.shape == (S, S, 3) and first.dtype == np.uint8
+        outs.append(np.stack([world.step(a) for a in (0, 3, 4, 1, 2, 2)]))  # 6 steps: past the 4-frame window
+    assert outs[0].shape == (6, S, S, 3) and outs[0].dtype == np.uint8
+    assert np.array_equal(outs[0], outs[1])  # same seed, prompt and actions -> same frames
+    world.seed(8)
+    world.reset(frames(1)[0])
+    other = np.stack([world.step(a) for a in (0, 3, 4, 1, 2, 2)])
+    assert not np.array_equal(outs[0], other)  # the seed matters (temperature 1 sampling)
+
+
+def test_clip_prompt_and_infer_actions(bundle: Path):
+    world = World.from_pretrained(bundle, seed=0)
+    clip = frames(6)
+    ids = world.infer_actions(clip)
+    assert ids.shape == (5,) and ids.dtype == np.int64 and ((ids >= 0) & (ids < A)).all()
+    assert world.infer_actions(clip[None].repeat(2, 0)).shape == (2, 5)
+    assert world.reset(clip).shape == (S, S, 3)  # longer than the window: the last frames are the context
+    assert world.step(1).shape == (S, S, 3)
+
+
+def test_bad_inputs_raise_value_errors_that_name_the_problem(bundle: Path, tmp_path: Path):
+    world = World.from_pretrained(bundle, seed=0)
+    with pytest.raises(RuntimeError, match="reset"):
+        world.step(0)
+    world.reset(frames(1)[0])
+    with pytest.raises(ValueError, match=r"actions must be in 0\.\.4.*\[5\]"):
+        world.step(A)
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        world.step(-1)
+    with pytest.raises(ValueError, match="H = W = 16"):
+        world.reset(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        world.reset(np.zeros((S, S, 3), np.float32))
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    shutil.rmtree(broken / "lam")
+    with pytest.raises(ValueError, match="missing lam/config.json"):
+        World.from_pretrained(broken)
+    with pytest.raises(ValueError, match="does not exist"):
+        World.from_pretrained(tmp_path / "nowhere")
+
+
+def test_parts_that_do_not_fit_are_refused(tmp_path: Path):
+    tok, lam, dyn = parts(num_codes=64, actions=3)
+    with pytest.raises(ValueError, match=r"num_codes=32 but the tokenizer has 64.*num_actions=5 but the LAM has 3"):
+        write_bundle(tmp_path / "w", tok, lam, dyn)
+
+
+def test_rollout_cli_writes_gif_and_mp4(bundle: Path, tmp_path: Path):
+    from PIL import Image
+
+    prompt = tmp_path / "prompt.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(prompt)
+    for suffix in ("gif", "mp4"):
+        out = tmp_path / f"roll.{suffix}"
+        args = ["rollout", "--world", str(bundle), "--prompt", str(prompt), "--actions", "0,3,3,1", "--out", str(out)]
+        assert main([*args, "--device", "cpu", "--scale", "2"]) == 0
+        assert out.stat().st_size > 0
+    with Image.open(tmp_path / "roll.gif") as gif:
+        assert gif.n_frames == 5 and gif.size == (2 * S, 2 * S)  # prompt + 4 steps
+
+
+def test_rollout_cli_errors_are_one_line(bundle: Path, tmp_path: Path, capsys):
+    prompt = tmp_path / "p.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(prompt)
+    base = ["rollout", "--world", str(bundle), "--prompt", str(prompt), "--out", str(tmp_path / "o.gif")]
+    assert main([*base, "--actions", "0,9"]) == 2
+    assert "actions must be in 0..4" in capsys.readouterr().err
+    assert main([*base, "--actions", "left"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_export_world_cli(tmp_path: Path):
+    tok, lam, dyn = parts()
+    folders = {}
+    for name, m in (("tokenizer", tok), ("lam", lam), ("dynamics", dyn)):
+        folders[name] = m.save_pretrained(tmp_path / name) or tmp_path / name
+    args = [
+        "export",
+        "world",
+        *[f"--{k}={v}" for k, v in folders.items()],
+        "--out",
+        str(tmp_path / "w"),
+        "--steps",
+        "3",
+    ]
+    assert main(args) == 0
+    assert World.from_pretrained(tmp_path / "w").sampler_config.steps == 3
+    shutil.rmtree(folders["lam"])
+    assert main(args) == 2  # a missing part: one-line error

@@ -161,6 +161,14 @@ def _bounce(pos: np.ndarray, vel: np.ndarray, hi: int) -> tuple[np.ndarray, np.n
     return new, vel
 
 
+MAX_BACKGROUNDS = 16
+
+
+def background_palette(n: int) -> np.ndarray:
+    """The first ``n`` of a fixed list of dark background colours, int64 ``[n, 3]`` (channels <= BG_MAX)."""
+    return np.random.default_rng(20240226).integers(0, BG_MAX + 1, size=(MAX_BACKGROUNDS, 3))[:n]
+
+
 def render_episode(
     rng: np.random.Generator,
     num_frames: int,
@@ -172,6 +180,7 @@ def render_episode(
     sprite_size: int | None = None,
     sticky: float = 0.0,
     texture: int = 0,
+    backgrounds: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Draw one episode: random scene, random actions, the frames they produce.
 
@@ -185,6 +194,8 @@ def render_episode(
         sprite_size: side of the sprite and distractors (default :func:`default_sprite_size`).
         sticky: probability of repeating the previous action instead of drawing a new one.
         texture: amplitude of the static block texture on the background (0: plain).
+        backgrounds: draw the background colour from this many fixed colours (:func:`background_palette`)
+            instead of any dark colour (0). A small palette gives a tokenizer few colours to represent.
 
     Returns:
         ``(frames uint8 [T, size, size, 3], actions int64 [T-1], info)`` where ``actions[t]`` moves
@@ -202,11 +213,16 @@ def render_episode(
         problems.append(f"sticky must be in [0, 1) (got {sticky})")
     if not 0 <= texture <= MAX_TEXTURE:
         problems.append(f"texture must be in 0..{MAX_TEXTURE} (got {texture})")
+    if not 0 <= backgrounds <= MAX_BACKGROUNDS:
+        problems.append(f"backgrounds must be in 0..{MAX_BACKGROUNDS} (got {backgrounds})")
     if problems:
         raise ValueError("; ".join(problems))
 
     # --- the scene (all random draws happen here, in a fixed order) ---
-    bg_color = rng.integers(0, BG_MAX + 1, size=3)
+    if backgrounds:
+        bg_color = background_palette(backgrounds)[rng.integers(0, backgrounds)]
+    else:
+        bg_color = rng.integers(0, BG_MAX + 1, size=3)
     background = np.broadcast_to(bg_color, (size, size, 3)).astype(np.int64)
     if texture:
         # static blocks of one step each: texture at the motion's own scale, identical in every frame
@@ -264,6 +280,7 @@ def render_episode(
         "wrap": True,
         "sticky": sticky,
         "texture": texture,
+        "backgrounds": backgrounds,
         "background": [int(v) for v in bg_color],
         "distractors": [
             {
@@ -296,6 +313,7 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
             sprite_size=p["sprite_size"],
             sticky=p["sticky"],
             texture=p["texture"],
+            backgrounds=p["backgrounds"],
         )
         video_id = f"sprites-{split}-s{p['seed']}-e{episode:06d}"
         # per-frame positions are recomputable from the seed; the metadata keeps the JSON-sized scene
@@ -344,6 +362,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--step", type=int, default=None, help="pixels per move (default size // 16: 4 at 64 px)")
     add("--sprite-size", type=int, default=None, help="sprite/distractor side (default max(4, size // 8))")
     add("--texture", type=int, default=0, help=f"static background texture amplitude, 0..{MAX_TEXTURE} (0: plain)")
+    add(
+        "--backgrounds",
+        type=int,
+        default=0,
+        help=f"background colours from a fixed list of 1..{MAX_BACKGROUNDS} (0: any)",
+    )
     add("--lossy", action="store_true", help="H.264 yuv420p at --crf instead of lossless (not frame-exact)")
     add("--crf", type=int, default=18, help="H.264 quality with --lossy (lower is better)")
     add("--gop", type=int, default=DEFAULT_GOP, help="keyframe interval (short = fast random access)")
@@ -369,6 +393,8 @@ def check_args(args: argparse.Namespace) -> tuple[int, int, int]:
         problems.append("--clip-frames must be >= 2 (a clip needs at least one transition)")
     if not 0 <= args.texture <= MAX_TEXTURE:
         problems.append(f"--texture must be in 0..{MAX_TEXTURE}")
+    if not 0 <= args.backgrounds <= MAX_BACKGROUNDS:
+        problems.append(f"--backgrounds must be in 0..{MAX_BACKGROUNDS}")
     if args.lossy and args.size % 2:
         problems.append(f"--size {args.size} is odd; lossy H.264 (yuv420p) needs an even size")
     if args.episodes_per_job < 1:
@@ -390,6 +416,7 @@ def run(args: argparse.Namespace) -> dict:
         "step": step,
         "sprite_size": sprite_size,
         "texture": args.texture,
+        "backgrounds": args.backgrounds,
         "lossless": not args.lossy,
         "crf": args.crf,
         "gop": args.gop,

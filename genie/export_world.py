@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from genie.models.sampler import SamplerConfig
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """MaskGIT sampling options shared by every command that generates frames."""
+    """MaskGIT sampling options shared by every command that generates frames (unset: the bundle's own)."""
     d = SamplerConfig()
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"MaskGIT steps per frame (default {d.steps})")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (0: greedy)")
-    parser.add_argument("--unmask", choices=("random", "confidence"), default=d.unmask, help="which tokens to fix")
+    parser.add_argument("--steps", type=int, default=None, help=f"MaskGIT steps per frame (default {d.steps})")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help=f"sampling temperature, 0: greedy (default {d.temperature})"
+    )
+    parser.add_argument("--unmask", choices=("random", "confidence"), default=None, help=f"default {d.unmask}")
 
 
-def sampler_from(args: argparse.Namespace) -> SamplerConfig:
-    return SamplerConfig(steps=args.steps, temperature=args.temperature, unmask=args.unmask)
+def sampler_from(args: argparse.Namespace, base: SamplerConfig | None = None) -> SamplerConfig:
+    """``base`` (default: SamplerConfig()) with the sampling options that were given on the command line."""
+    given = {k: getattr(args, k) for k in ("steps", "temperature", "unmask") if getattr(args, k) is not None}
+    return dataclasses.replace(base or SamplerConfig(), **given)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

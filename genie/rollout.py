@@ -84,9 +84,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out must end in .mp4 or .gif, got {args.out.name}")
     actions = parse_actions(args.actions)
-    world = World.from_pretrained(
-        args.world, device=pick_device(args.device), sampler=sampler_from(args), seed=args.seed
-    )
+    world = World.from_pretrained(args.world, device=pick_device(args.device), seed=args.seed)
+    world.sampler_config = sampler_from(args, world.sampler_config)
     prompt = load_prompt(args.prompt, world.image_size, world.dynamics.config.num_frames)
     frames = [world.reset(prompt)]
     frames += [world.step(a) for a in actions]

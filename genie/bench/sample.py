@@ -6,6 +6,7 @@ steps each, with and without the KV cache of past frames.
 
     genie bench sample --grid 8 --width 128 --heads 4 --depth 4 --mlp 512 --codes 1024 --actions 8 \\
         --context 8 --steps 10
+    genie bench sample --config configs/coinrun/dynamics.yaml     # a stage config's model; options override
 """
 
 from __future__ import annotations
@@ -18,21 +19,34 @@ import torch
 
 from genie.bench.report import format_table, write_report
 
+# option -> (DynamicsConfig field, default when neither the option nor a --config gives it)
+SIZE_OPTIONS = {
+    "grid": ("grid_size", 8),
+    "width": ("width", 128),
+    "heads": ("num_heads", 4),
+    "depth": ("depth", 4),
+    "codes": ("num_codes", 1024),
+    "actions": ("num_actions", 8),
+    "window": ("num_frames", 16),
+    "conditioning": ("action_conditioning", "film"),
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid", type=int, default=8, help="tokens per side of a frame (64 px / patch 8 = 8)")
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--mlp", type=int, default=512, help="MLP hidden width")
-    parser.add_argument("--codes", type=int, default=1024, help="tokenizer codebook size")
-    parser.add_argument("--actions", type=int, default=8)
-    parser.add_argument("--window", type=int, default=16, help="model's temporal window (training clip length)")
+    parser.add_argument("--config", default=None, help="take the model size from a dynamics stage YAML")
+    parser.add_argument("--grid", type=int, default=None, help="tokens per side of a frame (default 8: 64 px / 8)")
+    parser.add_argument("--width", type=int, default=None, help="default 128")
+    parser.add_argument("--heads", type=int, default=None, help="default 4")
+    parser.add_argument("--depth", type=int, default=None, help="default 4")
+    parser.add_argument("--mlp", type=int, default=None, help="MLP hidden width (default 4 x width)")
+    parser.add_argument("--codes", type=int, default=None, help="tokenizer codebook size (default 1024)")
+    parser.add_argument("--actions", type=int, default=None, help="default 8")
+    parser.add_argument("--window", type=int, default=None, help="temporal window = training clip length (16)")
     parser.add_argument("--context", type=int, default=8, help="prompt frames before generation")
     parser.add_argument("--frames", type=int, default=8, help="frames generated per timing")
     parser.add_argument("--steps", type=int, default=10, help="MaskGIT steps per frame")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--conditioning", default="prepend", choices=["prepend", "add"])
+    parser.add_argument("--conditioning", default=None, choices=["film", "prepend", "add"], help="default film")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--modes", default="cache,nocache", help="comma list of cache, nocache")
@@ -67,17 +81,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    cfg = DynamicsConfig(
-        num_codes=args.codes,
-        grid_size=args.grid,
-        num_actions=args.actions,
-        num_frames=args.window,
-        width=args.width,
-        depth=args.depth,
-        num_heads=args.heads,
-        mlp_ratio=args.mlp / args.width,
-        action_conditioning=args.conditioning,
-    )
+    fields: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        fields = dict(yaml.safe_load(open(args.config).read())["model"]["init_args"]["model"])
+    for option, (field, default) in SIZE_OPTIONS.items():
+        value = getattr(args, option)
+        fields[field] = value if value is not None else fields.get(field, default)
+        setattr(args, option, fields[field])  # time_generation reads the resolved sizes
+    if args.mlp is not None:
+        fields["mlp_ratio"] = args.mlp / fields["width"]
+    cfg = DynamicsConfig(**fields)
     torch.manual_seed(0)
     model = DynamicsModel(cfg).to(device).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -89,6 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "mode": mode,
                 "device": device.type,
                 "tokens": args.grid**2,
+                "conditioning": cfg.action_conditioning,
                 "width": args.width,
                 "depth": args.depth,
                 "params_M": params,

@@ -1,4 +1,4 @@
-"""``genie bench train --stage tokenizer|lam --config ...``: training-step speed of a stage's model.
+"""``genie bench train --stage tokenizer|lam|dynamics --config ...``: training-step speed of a stage's model.
 
 Times full optimizer steps (forward, backward, gradient clipping, AdamW) on synthetic uint8 clips,
 so the number is the model's, not the loader's (``genie bench data`` measures that). Model sizes
@@ -9,6 +9,11 @@ come from the stage config and can be overridden, so a reference configuration c
 
 Reports seconds per step, samples/s, tokens/s, achieved FLOP/s (counted with
 ``torch.utils.flop_counter``), model FLOPs utilization on GPU, and peak memory.
+
+The dynamics stage is timed twice: on token shards' batches (``inputs=tokens``: the dynamics model
+alone) and on video batches (``inputs=frames``: the frozen tokenizer and LAM run first), which is the
+speed-up ``genie prep tokenize`` buys. Where the config's tokenizer/LAM exports do not exist, untrained
+stand-ins are built from the ``tokenizer.yaml`` and ``lam.yaml`` next to the dynamics config.
 """
 
 from __future__ import annotations
@@ -70,7 +75,40 @@ def build_stage(config: Path, stage: str, args: argparse.Namespace) -> Any:
     init = dict(model_cfg.get("init_args", {}))
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     init["model"] = apply_overrides(init.get("model", {}), fields, args)
+    if stage == "dynamics":
+        init["tokenizer"], init["lam"] = frozen_parts(Path(config), init)
     return cls(**init), cfg
+
+
+def frozen_parts(config: Path, init: dict[str, Any]) -> tuple[str, str]:
+    """The dynamics config's tokenizer and LAM folders, or untrained stand-ins of the sizes beside it."""
+    import tempfile
+
+    from genie.models.lam import LAMConfig, LatentActionModel
+    from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
+
+    tok, lam = Path(init.get("tokenizer", "")), Path(init.get("lam", ""))
+    if (tok / "config.json").is_file() and (lam / "config.json").is_file():
+        return str(tok), str(lam)
+    dyn = init["model"]
+    root = Path(tempfile.mkdtemp(prefix="genie_bench_"))
+
+    def sizes(name: str) -> dict[str, Any]:
+        path = config.parent / f"{name}.yaml"
+        if not path.is_file():
+            path = config.parent / f"sprites_{name}.yaml"
+        return dict(yaml.safe_load(path.read_text())["model"]["init_args"]["model"]) if path.is_file() else {}
+
+    t = sizes("tokenizer")
+    patch = t.get("patch_size", 4)
+    t.update(image_size=dyn["grid_size"] * patch, num_codes=dyn["num_codes"])
+    VideoTokenizer(TokenizerConfig(**t)).save_pretrained(root / "tokenizer")
+    la = sizes("lam")
+    la.update(image_size=t["image_size"], num_actions=dyn["num_actions"])
+    if la["image_size"] % la.get("patch_size", 16):
+        la["patch_size"] = patch
+    LatentActionModel(LAMConfig(**la)).save_pretrained(root / "lam")
+    return str(root / "tokenizer"), str(root / "lam")
 
 
 def bench_one(
@@ -82,24 +120,28 @@ def bench_one(
     precision: str,
     device: torch.device,
     compile_model: bool,
+    inputs: str = "frames",
 ) -> dict[str, Any]:
     net = stage_mod.net.to(device).train()
     cfg = net.config
+    image_size = getattr(cfg, "image_size", None) or stage_mod.expected_resolution()
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused)
     step_fn = stage_mod.training_loss
     if compile_model:
         net.forward = torch.compile(net.forward)
     g = torch.Generator().manual_seed(0)
-    batch = {
-        "frames": torch.randint(
-            0,
-            256,
-            (batch_size, frames, cfg.image_size, cfg.image_size, cfg.in_channels),
-            dtype=torch.uint8,
-            generator=g,
-        ).to(device)
-    }
+    if inputs == "tokens":  # a token-shard batch (genie prep tokenize): the dynamics model alone
+        grid = (batch_size, frames, cfg.grid_size, cfg.grid_size)
+        batch = {
+            "tokens": torch.randint(0, cfg.num_codes, grid, generator=g).to(device),
+            "latent_actions": torch.randint(0, cfg.num_actions, (batch_size, frames - 1), generator=g).to(device),
+        }
+    else:
+        shape = (batch_size, frames, image_size, image_size, 3)
+        batch = {"frames": torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).to(device)}
+    if hasattr(stage_mod, "frozen"):
+        stage_mod.frozen.load(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def one_step() -> None:
@@ -131,8 +173,9 @@ def bench_one(
         one_step()
     sync()
     dt = (time.perf_counter() - t0) / steps
-    tokens_per_frame = (cfg.image_size // cfg.patch_size) ** 2
+    tokens_per_frame = cfg.grid_size**2 if hasattr(cfg, "grid_size") else (cfg.image_size // cfg.patch_size) ** 2
     row: dict[str, Any] = {
+        "inputs": inputs,
         "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
         "precision": precision,
         "s_per_step": dt,
@@ -181,33 +224,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = args.config or default_config(args.stage)
     precisions = ["32", "bf16"] if args.precision == "both" else [args.precision]
     rows = []
+    input_modes = ["tokens", "frames"] if args.stage == "dynamics" else ["frames"]
     for precision in precisions:
-        torch.manual_seed(0)
-        stage_mod, cfg = build_stage(config, args.stage, args)
-        data = cfg.get("data", {})
-        batch_size = args.batch_size or data.get("batch_size", 8)
-        frames = args.frames or data.get("num_frames", stage_mod.net.config.num_frames)
-        row = bench_one(stage_mod, batch_size, frames, args.steps, args.warmup, precision, device, args.compile)
-        c = stage_mod.net.config
-        rows.append(
-            {
-                "stage": args.stage,
-                "device": device.type,
-                "batch": batch_size,
-                "frames": frames,
-                "image": c.image_size,
-                "patch": c.patch_size,
-                "width": c.width,
-                **row,
-            }
-        )
-        print(f"  {args.stage} {precision}: {row['s_per_step']:.3f} s/step", flush=True)
-        del stage_mod
+        for inputs in input_modes:
+            torch.manual_seed(0)
+            stage_mod, cfg = build_stage(config, args.stage, args)
+            data = cfg.get("data", {})
+            batch_size = args.batch_size or data.get("batch_size", 8)
+            frames = args.frames or data.get("num_frames", stage_mod.net.config.num_frames)
+            row = bench_one(
+                stage_mod, batch_size, frames, args.steps, args.warmup, precision, device, args.compile, inputs
+            )
+            c = stage_mod.net.config
+            rows.append(
+                {
+                    "stage": args.stage,
+                    "device": device.type,
+                    "batch": batch_size,
+                    "frames": frames,
+                    "image": getattr(c, "image_size", None) or stage_mod.expected_resolution(),
+                    "patch": getattr(c, "patch_size", "-"),
+                    "width": c.width,
+                    **row,
+                }
+            )
+            print(f"  {args.stage} {precision} ({inputs}): {row['s_per_step']:.3f} s/step", flush=True)
+            del stage_mod
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     for r in rows:
         r["peak_rss_GiB"] = peak_rss_gib
     cols = [
         "stage",
+        "inputs",
         "precision",
         "batch",
         "frames",

@@ -182,7 +182,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from genie.export_world import sampler_from
     from genie.world import World
 
-    world = World.from_pretrained(args.world, device=pick_device(args.device), sampler=sampler_from(args))
+    world = World.from_pretrained(args.world, device=pick_device(args.device))
+    world.sampler_config = sampler_from(args, world.sampler_config)
     horizon = args.horizon
     if horizon is None:
         horizon = max(1, min(16, probe_meta(args.data).frames - args.context))

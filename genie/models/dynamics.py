@@ -10,12 +10,25 @@ Dimension keys:
 
 Inputs are token ids z_1..z_T (from the frozen tokenizer) and latent actions a_1..a_{T-1} (from the
 frozen LAM, no gradient), ``a_t`` being the action between frame t and frame t+1. Frame t+1 is
-conditioned on ``a_t``, in one of two ways (``action_conditioning``):
+conditioned on ``a_t`` (frame 1 gets a learned "no action"), in one of three ways (``action_conditioning``):
 
-- ``"prepend"``: every frame gets one extra token in front of its N tokens: the embedding of the action
-  that led to it (frame 1 gets a learned "no action" embedding). Spatial attention lets every token of
-  the frame read it. Jasmine found this essential on CoinRun.
-- ``"add"``: the action embedding is added to every token of the frame it leads to.
+- ``"film"`` (default): the action scales and shifts every token of the frame it leads to, at the input
+  and again before the output head (feature-wise linear modulation).
+- ``"prepend"``: every frame gets one extra token in front of its N tokens, the action's embedding;
+  spatial attention lets every token read it. Jasmine found it much better than adding on CoinRun.
+- ``"add"``: the action embedding is added to every token of the frame.
+
+Measured on the synthetic sprites (tokens of the tiny tokenizer, true actions, width 64, depth 2, 1000
+steps; the share of held-out frames whose sprite is predicted in its new cell, with the true vs random
+actions): film 0.375 vs 0.102, prepend 0.055 vs 0.059, add 0.039 vs 0.035. So film is the default; the
+other two had not started to use the action at that budget. Why: which cell the sprite enters depends on
+the *product* of the action and the neighbourhood's content; a multiplicative conditioning represents
+that product in one layer, an additive one (or one read through attention) has to build it first.
+
+``spatial_context`` (default 1) adds a 3x3 convolution over each frame's token grid to the token
+embeddings (residual), so "the sprite is in my left neighbour" is a feature of a token before any
+attention. Without it (0, the plain Genie model) the same run reached 0.004: with temporal attention only
+along one grid position and learned absolute spatial positions, that relation has to be learned first.
 
 Training (MaskGIT): for each clip and each frame after the first, a mask rate r ~ U(0.5, 1) is drawn
 and each token is replaced by MASK with probability r; the model predicts the original ids of masked
@@ -40,7 +53,8 @@ from transformers import PreTrainedConfig
 from genie.models.blocks import KVCache, STTransformer, STTransformerConfig
 from genie.models.hub import GeniePreTrainedModel, register_auto
 
-ACTION_CONDITIONINGS = ("prepend", "add")
+ACTION_CONDITIONINGS = ("prepend", "add", "film")
+FILM_INIT_STD = 0.3  # initial spread of the action's scales/shifts: strong enough to matter from step 0
 
 
 @final  # a plain group of fields to the CLI (jsonargparse), not a class to pick subclasses of
@@ -58,11 +72,14 @@ class DynamicsConfig(PreTrainedConfig):
     depth: int = 12  # ST blocks
     num_heads: int = 8  # attention heads (width / num_heads must be even, for RoPE)
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
-    action_conditioning: str = "prepend"  # "prepend" (an action token per frame) or "add" (added embeddings)
+    action_conditioning: str = "film"  # "film" (scale+shift), "prepend" (an action token per frame) or "add"
     mask_rate_min: float = 0.5  # training mask rate is drawn from U(mask_rate_min, mask_rate_max)
     mask_rate_max: float = 1.0
     dropout: float = 0.0
     qk_norm: bool = True
+    # each token's input also mixes in its neighbours' embeddings (a (2c+1)^2 convolution over the token grid,
+    # residual); 0 is the plain Genie model. See the module docstring for why 1 is the default.
+    spatial_context: int = 1
 
     def __post_init__(self, **kwargs):
         if self.action_conditioning not in ACTION_CONDITIONINGS:
@@ -71,6 +88,8 @@ class DynamicsConfig(PreTrainedConfig):
             )
         if self.width % self.num_heads or (self.width // self.num_heads) % 2:
             raise ValueError(f"width {self.width} / num_heads {self.num_heads} must be an even integer")
+        if self.spatial_context < 0:
+            raise ValueError(f"spatial_context must be >= 0, got {self.spatial_context}")
         if not 0.0 < self.mask_rate_min <= self.mask_rate_max <= 1.0:
             raise ValueError("need 0 < mask_rate_min <= mask_rate_max <= 1")
         super().__post_init__(**kwargs)
@@ -110,7 +129,9 @@ class DynamicsModel(GeniePreTrainedModel):
         D = config.width
         self.token_embed = nn.Embedding(config.num_codes + 1, D)  # + MASK
         # actions 0..A-1, and A = "no action" (the first frame of a clip)
-        self.action_embed = nn.Embedding(config.num_actions + 1, D)
+        film = config.action_conditioning == "film"
+        # film: per action, (scale, shift) of the input tokens and (scale, shift) of the output features
+        self.action_embed = nn.Embedding(config.num_actions + 1, 4 * D if film else D)
         self.transformer = STTransformer(
             STTransformerConfig(
                 width=D,
@@ -124,8 +145,17 @@ class DynamicsModel(GeniePreTrainedModel):
             )
         )
         self.head = nn.Linear(D, config.num_codes)
+        c = config.spatial_context
+        self.neighbours = nn.Conv2d(D, D, kernel_size=2 * c + 1, padding=c) if c > 0 else None
+        if self.neighbours is not None:
+            nn.init.normal_(self.neighbours.weight, std=0.02 / (2 * c + 1))
+            nn.init.zeros_(self.neighbours.bias)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.action_embed.weight, std=0.02)
+        if film:  # scales spread from the start (multiplicative: zero would be "no conditioning"), shifts small
+            with torch.no_grad():
+                self.action_embed.weight[:, :D].normal_(std=FILM_INIT_STD)
+                self.action_embed.weight[:, 2 * D : 3 * D].normal_(std=FILM_INIT_STD)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.post_init()
@@ -144,14 +174,27 @@ class DynamicsModel(GeniePreTrainedModel):
     def embed(self, tokens_BTN: Tensor, lead_actions_BT: Tensor) -> Tensor:
         """Token ids (MASK allowed) and the action leading to each frame -> transformer input (B, T, N', D)."""
         x_BTND = self.token_embed(tokens_BTN)
-        a_BTD = self.action_embed(lead_actions_BT)
+        if self.neighbours is not None:
+            B, T = x_BTND.shape[:2]
+            grid = rearrange(x_BTND, "b t (h w) d -> (b t) d h w", h=self.config.grid_size)
+            x_BTND = x_BTND + rearrange(self.neighbours(grid), "(b t) d h w -> b t (h w) d", b=B, t=T)
+        a_BTD = self.action_embed(lead_actions_BT)  # (B, T, 4D) for film
         if self.config.action_conditioning == "prepend":
             return torch.cat([a_BTD[:, :, None, :], x_BTND], dim=2)  # (B, T, 1 + N, D)
+        if self.config.action_conditioning == "film":
+            scale, shift = a_BTD[..., : 2 * x_BTND.shape[-1]].chunk(2, dim=-1)
+            return x_BTND * (1 + scale[:, :, None]) + shift[:, :, None]
         return x_BTND + a_BTD[:, :, None, :]
 
-    def logits_from(self, h_BTND: Tensor) -> Tensor:
+    def logits_from(self, h_BTND: Tensor, lead_actions_BT: Tensor | None = None) -> Tensor:
         """Transformer output -> logits over the V codes of the N image tokens: (B, T, N, V)."""
-        return self.head(h_BTND[:, :, self.config.extra_tokens :])
+        h_BTND = h_BTND[:, :, self.config.extra_tokens :]
+        if self.config.action_conditioning == "film":
+            assert lead_actions_BT is not None
+            D = h_BTND.shape[-1]
+            scale, shift = self.action_embed(lead_actions_BT)[..., 2 * D :].chunk(2, dim=-1)
+            h_BTND = h_BTND * (1 + scale[:, :, None]) + shift[:, :, None]
+        return self.head(h_BTND)
 
     def step_logits(
         self,
@@ -162,7 +205,7 @@ class DynamicsModel(GeniePreTrainedModel):
     ) -> Tensor:
         """Logits for frames given as ids (MASK allowed), optionally after cached past frames: (B, T, N, V)."""
         h = self.transformer(self.embed(tokens_BTN, lead_actions_BT), cache=cache, update_cache=update_cache)
-        return self.logits_from(h)
+        return self.logits_from(h, lead_actions_BT)
 
     def random_mask(self, shape_BTN: tuple[int, int, int], device: torch.device, generator=None) -> Tensor:
         """MaskGIT training mask: frame 1 clean; each later frame masked at its own rate ~ U(min, max)."""

@@ -143,6 +143,23 @@ class StageModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warm, total, min_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        # Lightning refuses to clip for optimizers that unscale internally (fused AdamW) under any mixed
+        # precision, but bf16 and fp32 have no gradient scaler: the gradients are already true, so clip them
+        # directly (found on an H200: `genie fit` with the fused default stopped at the first step).
+        if not gradient_clip_val:
+            return
+        if str(self.trainer.precision).startswith("16"):  # fp16 has a scaler: let Lightning unscale first
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+
     # -- export -------------------------------------------------------------------------------
 
     def export(self, path: str | Path) -> Path:

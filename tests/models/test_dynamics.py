@@ -33,7 +33,7 @@ def test_training_mask_keeps_first_frame_and_respects_rates():
     assert 0.6 < rate < 0.9  # E[U(0.5, 1)] = 0.75
 
 
-@pytest.mark.parametrize("cond", ["prepend", "add"])
+@pytest.mark.parametrize("cond", ["film", "prepend", "add"])
 def test_loss_only_on_masked_tokens_and_causal(cond):
     m = tiny(cond)
     tokens = torch.randint(0, 64, (2, 4, 4, 4))
@@ -49,7 +49,7 @@ def test_loss_only_on_masked_tokens_and_causal(cond):
     assert torch.allclose(same.logits[:, :3], out.logits[:, :3], atol=1e-5)
 
 
-@pytest.mark.parametrize("cond", ["prepend", "add"])
+@pytest.mark.parametrize("cond", ["film", "prepend", "add"])
 def test_action_changes_the_prediction(cond):
     m = tiny(cond)
     tokens = torch.randint(0, 64, (1, 3, 16))
@@ -64,8 +64,9 @@ def test_cosine_schedule_ends_fully_unmasked():
     assert [cosine_masked(16, s, 4) for s in range(4)] == [14, 11, 6, 0]
 
 
-@pytest.mark.parametrize("mode", ["random", "confidence"])
-@pytest.mark.parametrize("cond", ["prepend", "add"])
+@pytest.mark.parametrize(
+    "cond, mode", [("film", "random"), ("film", "confidence"), ("prepend", "confidence"), ("add", "random")]
+)
 def test_cache_gives_the_same_frames_as_recomputing(cond, mode):
     # float64: confidence ranks of near-equal probabilities must not flip on rounding differences
     m = tiny(cond, frames=4).double()

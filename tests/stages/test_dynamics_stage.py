@@ -25,11 +25,11 @@ TINY = str(ROOT / "configs" / "tiny" / "dynamics.yaml")
 
 @pytest.fixture(scope="module")
 def frozen(tmp_path_factory) -> tuple[Path, Path]:
-    """Untrained 24 px tokenizer (128 codes) and LAM (6 actions) in exported folders: the tiny world's shapes."""
+    """Untrained 24 px tokenizer (64 codes) and LAM (6 actions) in exported folders: the tiny world's shapes."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("frozen")
     small = dict(image_size=24, patch_size=4, width=32, num_heads=2, mlp_ratio=2.0, encoder_depth=1, decoder_depth=1)
-    VideoTokenizer(TokenizerConfig(num_frames=8, code_dim=8, num_codes=128, **small)).save_pretrained(root / "tok")
+    VideoTokenizer(TokenizerConfig(num_frames=8, code_dim=8, num_codes=64, **small)).save_pretrained(root / "tok")
     LatentActionModel(LAMConfig(num_frames=4, code_dim=4, num_actions=6, **small)).save_pretrained(root / "lam")
     return root / "tok", root / "lam"
 
@@ -76,7 +76,7 @@ def test_tokenize_mirrors_the_shards_and_matches_the_models(sprites_shards: Path
     assert np.array_equal(latent, lam.infer_actions(frames)[0].numpy())
     assert np.array_equal(npy_load(tokened["actions.npy"]), npy_load(members["actions.npy"]))
     meta = json.loads(tokened["json"])
-    assert meta["extra"]["tokenized"]["num_codes"] == 128
+    assert meta["extra"]["tokenized"]["num_codes"] == 64
 
 
 def test_tokenize_skips_bad_clips_and_resumes(sprites_shards: Path, frozen, tmp_path: Path, capsys):
@@ -107,7 +107,7 @@ def test_fit_from_video_or_token_shards(source: str, sprites_shards: Path, token
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(k.startswith("net.") for k in ckpt["state_dict"])  # the frozen parts are not checkpointed
     stage = load_stage_checkpoint(root / "checkpoints" / "last.ckpt")
-    assert stage.net.config.num_codes == 128 and stage.net.config.num_actions == 6
+    assert stage.net.config.num_codes == 64 and stage.net.config.num_actions == 6
     cfg = json.loads((root / "export" / "config.json").read_text())
     assert cfg["model_type"] == "genie_dynamics" and cfg["grid_size"] == 6
 
@@ -116,7 +116,7 @@ def test_config_that_does_not_fit_the_frozen_parts_is_one_line(sprites_shards: P
     args = fit_args(TINY, sprites_shards / "train", sprites_shards / "val", tmp_path, *frozen, "--trainer.max_steps=1")
     assert main([*args, "--model.init_args.model.num_codes=1024"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "num_codes=1024 but the tokenizer has 128" in err and "num_codes=128" in err
+    assert len(err.splitlines()) == 1 and "num_codes=1024 but the tokenizer has 64" in err and "num_codes=64" in err
     args = fit_args(TINY, sprites_shards / "train", sprites_shards / "val", tmp_path, tmp_path / "nope", frozen[1])
     assert main([*args, "--trainer.max_steps=1"]) == 2
     assert "not an exported model folder" in capsys.readouterr().err
@@ -127,7 +127,7 @@ def test_gpu_configs_scaled_down_run_a_step(setup: str, sprites_shards: Path, fr
     config = ROOT / "configs" / setup / "dynamics.yaml"
     want = yaml.safe_load(config.read_text())["model"]["init_args"]["model"]
     args = fit_args(str(config), sprites_shards / "train", sprites_shards / "val", tmp_path / setup, *frozen)
-    scaled = ["--model.init_args.model.num_codes=128", "--model.init_args.model.grid_size=6"]
+    scaled = ["--model.init_args.model.num_codes=64", "--model.init_args.model.grid_size=6"]
     scaled += ["--model.init_args.model.num_actions=6", "--model.init_args.model.width=32"]
     scaled += ["--model.init_args.model.depth=1", "--model.init_args.model.num_heads=2", "--data.num_frames=4"]
     extra = ["--trainer.max_steps=1", "--trainer.devices=1", "--trainer.limit_val_batches=0"]

@@ -192,3 +192,13 @@ def test_default_logger_is_wandb_offline_with_media(coinrun_shards: Path, tmp_pa
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # offline: nothing was sent anywhere
     assert list((tmp_path / "w" / "media").glob("val_reconstruction_*.mp4"))  # the video logged to wandb
+
+
+def test_bf16_mixed_with_fused_adamw_clips_and_trains(coinrun_shards: Path, tmp_path: Path):
+    """The GPU default (bf16-mixed, fused AdamW, clipping at 1.0), here on CPU: Lightning's own clipping refuses
+    fused optimizers under mixed precision, so the stages clip themselves (found on an H200)."""
+    args = fit_args(coinrun_shards, tmp_path / "bf16", "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
+    assert main([*args, "--trainer.precision=bf16-mixed", "--model.init_args.optim.fused=true"]) == 0
+    ckpt = torch.load(tmp_path / "bf16" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -95,6 +95,24 @@ def sprites_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def cli_fit_args(config: str, shards: Path, root: Path, *extra: str, batch_size: int = 4) -> list[str]:
+    """`genie fit` arguments for a quick CPU run of ``config`` on ``shards/{train,val}`` into ``root``."""
+    return [
+        "fit",
+        "--config",
+        str(config),
+        f"--data.train_shards={shards / 'train'}",
+        f"--data.val_shards={shards / 'val'}",
+        "--data.num_workers=0",
+        f"--data.batch_size={batch_size}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=1",
+        *extra,
+    ]
+
+
 def train_from_config(config: str, train_shards: str, max_steps: int | None = None, **stage_overrides) -> tuple:
     """Build the stage of ``configs/<config>`` and train it on CPU, in-process, for ``max_steps`` (default: the
     config's). Returns ``(stage, untrained_net_copy)``. A fixed step budget: results do not depend on load.

@@ -19,6 +19,8 @@ from genie.models.lam import LAMConfig, LatentActionModel
 from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
 from genie.stages.base import load_stage_checkpoint
 
+from .conftest import cli_fit_args
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny" / "dynamics.yaml")
 
@@ -34,23 +36,10 @@ def frozen(tmp_path_factory) -> tuple[Path, Path]:
     return root / "tok", root / "lam"
 
 
-def fit_args(config: str, train: Path, val: Path, root: Path, tok: Path, lam: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        config,
-        f"--model.init_args.tokenizer={tok}",
-        f"--model.init_args.lam={lam}",
-        f"--data.train_shards={train}",
-        f"--data.val_shards={val}",
-        "--data.num_workers=0",
-        "--data.batch_size=4",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=1",
-        *extra,
-    ]
+def fit_args(config: str, shards: Path, root: Path, tok: Path, lam: Path, *extra: str) -> list[str]:
+    return cli_fit_args(
+        config, shards, root, f"--model.init_args.tokenizer={tok}", f"--model.init_args.lam={lam}", *extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +91,7 @@ def test_tokenize_skips_bad_clips_and_resumes(sprites_shards: Path, frozen, tmp_
 def test_fit_from_video_or_token_shards(source: str, sprites_shards: Path, token_shards: Path, frozen, tmp_path: Path):
     shards = sprites_shards if source == "video" else token_shards
     root = tmp_path / "run"
-    args = fit_args(TINY, shards / "train", shards / "val", root, *frozen, "--trainer.max_steps=3")
+    args = fit_args(TINY, shards, root, *frozen, "--trainer.max_steps=3")
     assert main([*args, "--trainer.val_check_interval=3"]) == 0
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(k.startswith("net.") for k in ckpt["state_dict"])  # the frozen parts are not checkpointed
@@ -113,11 +102,11 @@ def test_fit_from_video_or_token_shards(source: str, sprites_shards: Path, token
 
 
 def test_config_that_does_not_fit_the_frozen_parts_is_one_line(sprites_shards: Path, frozen, tmp_path: Path, capsys):
-    args = fit_args(TINY, sprites_shards / "train", sprites_shards / "val", tmp_path, *frozen, "--trainer.max_steps=1")
+    args = fit_args(TINY, sprites_shards, tmp_path, *frozen, "--trainer.max_steps=1")
     assert main([*args, "--model.init_args.model.num_codes=1024"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "num_codes=1024 but the tokenizer has 64" in err and "num_codes=64" in err
-    args = fit_args(TINY, sprites_shards / "train", sprites_shards / "val", tmp_path, tmp_path / "nope", frozen[1])
+    args = fit_args(TINY, sprites_shards, tmp_path, tmp_path / "nope", frozen[1])
     assert main([*args, "--trainer.max_steps=1"]) == 2
     assert "not an exported model folder" in capsys.readouterr().err
 
@@ -126,7 +115,7 @@ def test_config_that_does_not_fit_the_frozen_parts_is_one_line(sprites_shards: P
 def test_gpu_configs_scaled_down_run_a_step(setup: str, sprites_shards: Path, frozen, tmp_path: Path):
     config = ROOT / "configs" / setup / "dynamics.yaml"
     want = yaml.safe_load(config.read_text())["model"]["init_args"]["model"]
-    args = fit_args(str(config), sprites_shards / "train", sprites_shards / "val", tmp_path / setup, *frozen)
+    args = fit_args(str(config), sprites_shards, tmp_path / setup, *frozen)
     scaled = ["--model.init_args.model.num_codes=64", "--model.init_args.model.grid_size=6"]
     scaled += ["--model.init_args.model.num_actions=6", "--model.init_args.model.width=32"]
     scaled += ["--model.init_args.model.depth=1", "--model.init_args.model.num_heads=2", "--data.num_frames=4"]

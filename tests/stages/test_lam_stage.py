@@ -13,25 +13,14 @@ from genie.cli import main
 from genie.models.lam import LatentActionModel
 from genie.stages.base import load_stage_checkpoint
 
+from .conftest import cli_fit_args
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny" / "lam.yaml")
 
 
 def fit_args(config: str, shards: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        config,
-        f"--data.train_shards={shards / 'train'}",
-        f"--data.val_shards={shards / 'val'}",
-        "--data.num_workers=0",
-        "--data.batch_size=4",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=1",
-        *extra,
-    ]
+    return cli_fit_args(config, shards, root, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -14,25 +14,14 @@ from genie.data.datamodule import VideoDataModule
 from genie.models.tokenizer import VideoTokenizer
 from genie.stages.base import load_stage_checkpoint
 
+from .conftest import cli_fit_args
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny" / "tokenizer.yaml")
 
 
 def fit_args(shards: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        TINY,
-        f"--data.train_shards={shards / 'train'}",
-        f"--data.val_shards={shards / 'val'}",
-        "--data.num_workers=0",
-        "--data.batch_size=2",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=1",
-        *extra,
-    ]
+    return cli_fit_args(TINY, shards, root, *extra, batch_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,20 @@ def test_rollout_cli_writes_gif_and_mp4(bundle: Path, tmp_path: Path):
         assert gif.n_frames == 5 and gif.size == (2 * S, 2 * S)  # prompt + 4 steps
 
 
+def test_rollout_from_a_video_prompt(bundle: Path, tmp_path: Path):
+    from genie.data.video import encode_clip
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode_clip(frames(7), fps=10, lossless=True))
+    out = tmp_path / "roll.gif"
+    args = ["rollout", "--world", str(bundle), "--prompt", str(clip), "--actions", "1,2", "--out", str(out)]
+    assert main([*args, "--device", "cpu", "--temperature", "0"]) == 0
+    from PIL import Image
+
+    with Image.open(out) as gif:
+        assert gif.n_frames == 3
+
+
 def test_rollout_cli_errors_are_one_line(bundle: Path, tmp_path: Path, capsys):
     prompt = tmp_path / "p.png"
     from PIL import Image

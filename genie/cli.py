@@ -36,6 +36,7 @@ GROUP_HELP = {
 # top-level commands without subcommands: name -> (module, help)
 SINGLE: dict[str, tuple[str, str]] = {
     "rollout": ("genie.rollout", "drive a world with actions from a prompt and write an mp4 or gif"),
+    "demo": ("genie.demo", "the whole idea on a CPU in minutes: sprites -> 3 stages -> world -> ΔtPSNR + GIFs"),
 }
 
 

@@ -167,6 +167,14 @@ def temporal_mask(q_start: int, T: int, k_start: int, S: int, max_frames: int, d
     return (dist_TS >= 0) & (dist_TS < max_frames)
 
 
+class QKNorm(nn.RMSNorm):
+    """RMSNorm whose weight follows the input's dtype: under bf16 autocast the fused kernel needs both in bf16
+    (with an fp32 weight PyTorch falls back to the unfused path and warns; seen on an H200)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the L axis of (B', L, D) with fused qkv, QK-norm and SDPA."""
 
@@ -180,8 +188,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.width, 3 * config.width, bias=config.bias)  # one matmul for q, k, v
         self.proj = nn.Linear(config.width, config.width, bias=config.bias)
         self.proj.is_residual_proj = True  # scaled init, see STTransformer._init_module
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if config.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if config.qk_norm else nn.Identity()
+        self.q_norm = QKNorm(head_dim, eps=1e-6) if config.qk_norm else nn.Identity()
+        self.k_norm = QKNorm(head_dim, eps=1e-6) if config.qk_norm else nn.Identity()
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def qkv_heads(self, x_BLD: Tensor) -> tuple[Tensor, Tensor, Tensor]:

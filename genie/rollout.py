@@ -8,6 +8,7 @@ prompt's last frame (as the world sees it, through the tokenizer) and then one f
 from __future__ import annotations
 
 import argparse
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,10 @@ def load_prompt(path: Path, size: int, max_frames: int) -> np.ndarray:
             frame = np.asarray(im.convert("RGB"))
         return resize_center_crop(frame, size)[None]
     _, frames = read_video_resampled(str(path), None)
-    clip = [resize_center_crop(f, size) for _, f in frames]
-    if not clip:
+    last = deque((f for _, f in frames), maxlen=max_frames)  # every frame is decoded; only these are kept
+    if not last:
         raise ValueError(f"prompt video {path} has no frames")
-    return np.stack(clip[-max_frames:])
+    return np.stack([resize_center_crop(f, size) for f in last])
 
 
 def write_video(frames_THWC: np.ndarray, path: Path, fps: float, scale: int = 1) -> Path:

@@ -33,6 +33,7 @@ from genie.models.dynamics import DynamicsModel
 from genie.models.lam import LatentActionModel
 from genie.models.sampler import MaskGITSampler, SamplerConfig
 from genie.models.tokenizer import VideoTokenizer
+from genie.stages.media import to_uint8
 
 WORLD_FORMAT = "genie-world"
 WORLD_VERSION = 1
@@ -56,11 +57,6 @@ def check_compatible(tokenizer: Any, lam: Any, dynamics: Any) -> None:
         problems.append(f"LAM image_size={la.image_size} but the tokenizer's is {tok.image_size}")
     if problems:
         raise ValueError("models do not fit together: " + "; ".join(problems))
-
-
-def frames_uint8(frames: Tensor) -> np.ndarray:
-    """Decoder output in [0, 1] -> uint8 numpy with the same leading shape."""
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 class World:
@@ -216,7 +212,7 @@ class World:
         self._sampler.reset(tokens_BThw.flatten(2), actions_BT.long())
         self._decoder_cache = self.tokenizer.make_decoder_cache()
         decoded = self.tokenizer.decode(tokens_BThw, cache=self._decoder_cache)
-        return frames_uint8(decoded[:, -1])
+        return to_uint8(decoded[:, -1])
 
     @torch.no_grad()
     def advance(self, actions_B: Tensor) -> np.ndarray:
@@ -225,7 +221,7 @@ class World:
         tokens_BN = self._sampler.next_frame(actions_B, generator=self.generator)
         g = self.dynamics.config.grid_size
         decoded = self.tokenizer.decode(tokens_BN.view(-1, 1, g, g), cache=self._decoder_cache)
-        return frames_uint8(decoded[:, 0])
+        return to_uint8(decoded[:, 0])
 
     @torch.no_grad()
     def rollout(self, prompt_BTHWC: Tensor, actions_BF: Tensor, context_actions_BT: Tensor | None = None) -> np.ndarray:

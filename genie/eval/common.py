@@ -55,6 +55,27 @@ def add_common_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
 
+def subplots(ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure with one row of ``ncols`` axes (array of shape (1, ncols)), headless backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close a figure from :func:`subplots`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_json(out: Path, name: str, report: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / name

@@ -18,7 +18,15 @@ import torch
 from tqdm.auto import tqdm
 
 from genie.data.loader import DataError
-from genie.eval.common import add_common_arguments, heldout_stream, load_model, pick_device, write_json
+from genie.eval.common import (
+    add_common_arguments,
+    heldout_stream,
+    load_model,
+    pick_device,
+    save_figure,
+    subplots,
+    write_json,
+)
 from genie.eval.metrics import contingency, frame_psnr, nmi_from_contingency
 
 MAX_TRUE_ACTIONS = 64
@@ -85,13 +93,8 @@ def evaluate_lam(
 
 def plot_lam(report: dict[str, Any], path: Path) -> Path:
     """Usage histogram and (when known) the true-vs-latent confusion matrix, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     has_conf = "confusion" in report
-    fig, axes = plt.subplots(1, 2 if has_conf else 1, figsize=(10 if has_conf else 5, 4), squeeze=False)
+    fig, axes = subplots(2 if has_conf else 1, figsize=(10 if has_conf else 5, 4))
     ax = axes[0, 0]
     ax.bar(range(report["num_actions"]), report["usage_histogram"], color="tab:blue")
     ax.set_xlabel("latent action")
@@ -106,11 +109,7 @@ def plot_lam(report: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("true action")
         ax.set_title(f"P(latent | true), NMI {report['nmi']:.3f}")
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

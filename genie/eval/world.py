@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from genie.data.loader import DataError
-from genie.eval.common import heldout_stream, pick_device, write_json
+from genie.eval.common import heldout_stream, pick_device, save_figure, subplots, write_json
 from genie.eval.metrics import frame_psnr, frame_ssim
 from genie.models.sampler import MaskGITSampler, SamplerConfig
 
@@ -131,14 +131,9 @@ def evaluate_world(
 
 def plot_world(report: dict[str, Any], path: Path) -> Path:
     """PSNR per rollout step: inferred actions, random actions, copy-last-frame and tokenizer bound."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = np.arange(1, report["horizon"] + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    ax = axes[0]
+    fig, axes = subplots(2, figsize=(10, 4))
+    ax = axes[0, 0]
     ax.plot(steps, report["psnr_per_step"], "o-", label="inferred actions")
     ax.plot(steps, report["psnr_random_per_step"], "s--", label="random actions")
     ax.plot(steps, report["copy_psnr_per_step"], ":", label="copy last frame")
@@ -147,17 +142,13 @@ def plot_world(report: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(f"ΔtPSNR(t={report['delta_psnr_t']}) = {report['delta_psnr_t4']:.2f} dB")
     ax.legend()
-    ax = axes[1]
+    ax = axes[0, 1]
     ax.plot(steps, report["teacher_forced_accuracy_per_step"], "o-")
     ax.set_ylim(0, 1)
     ax.set_xlabel("step")
     ax.set_ylabel("teacher-forced token accuracy")
     ax.set_title(f"mean {report['teacher_forced_token_accuracy']:.3f}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,40 +11,32 @@ batch needs them, and are not part of the stage's checkpoint: the checkpoint hol
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from genie.models.dynamics import DynamicsConfig, DynamicsModel
 from genie.models.hub import model_fields
-from genie.models.lam import LatentActionModel
-from genie.models.tokenizer import VideoTokenizer
+from genie.models.lam import LAMConfig, LatentActionModel
+from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
 from genie.stages.base import OptimConfig, StageModule
 from genie.train import ConfigError
 from genie.world import check_compatible
+
+C = TypeVar("C")
 
 
 class ConfigMismatch(ConfigError):
     """The dynamics config does not fit the frozen tokenizer / LAM."""
 
 
-def read_config(folder: str | Path, what: str) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
+def read_config(cls: type[C], folder: str | Path, what: str) -> C:
+    """The config of an exported model folder, without loading its weights."""
+    if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"{what} {folder} is not an exported model folder (no config.json): train it first")
-    return json.loads(path.read_text())
-
-
-class _Cfg:
-    """Attribute view of a config.json dict (for :func:`check_compatible` without loading weights)."""
-
-    def __init__(self, data: dict[str, Any]):
-        self.__dict__.update(data)
-        if "grid_size" not in data and "image_size" in data and "patch_size" in data:
-            self.grid_size = data["image_size"] // data["patch_size"]
+    return cls.from_pretrained(folder)
 
 
 class FrozenEncoders:
@@ -98,14 +90,15 @@ class DynamicsStage(StageModule):
     ):
         super().__init__(optim)
         cfg = model if isinstance(model, DynamicsConfig) else DynamicsConfig(**(model or {}))
-        tok_cfg, lam_cfg = read_config(tokenizer, "tokenizer"), read_config(lam, "LAM")
+        tok_cfg = read_config(TokenizerConfig, tokenizer, "tokenizer")
+        lam_cfg = read_config(LAMConfig, lam, "LAM")
         try:
-            check_compatible(_Cfg(tok_cfg), _Cfg(lam_cfg), cfg)
+            check_compatible(tok_cfg, lam_cfg, cfg)
         except ValueError as e:
-            fix = f"set model.num_codes={tok_cfg.get('num_codes')}, model.grid_size="
-            fix += f"{tok_cfg['image_size'] // tok_cfg['patch_size']}, model.num_actions={lam_cfg.get('num_actions')}"
+            fix = f"set model.num_codes={tok_cfg.num_codes}, model.grid_size={tok_cfg.grid_size}, "
+            fix += f"model.num_actions={lam_cfg.num_actions}"
             raise ConfigMismatch(f"{e} ({fix})") from None
-        self.image_size = int(tok_cfg["image_size"])
+        self.image_size = tok_cfg.image_size
         self.net = DynamicsModel(cfg)
         self.frozen = FrozenEncoders(tokenizer, lam)
         self.save_plain_hparams(model=model_fields(cfg), tokenizer=str(tokenizer), lam=str(lam))

@@ -115,3 +115,20 @@ def test_bench_data_table(tmp_path):
     )
     (row,) = json.loads(out.read_text())["results"]
     assert row["frames_per_s"] > 0
+
+
+def test_bench_sample_reads_a_stage_config(tmp_path):
+    out = tmp_path / "s.json"
+    args = ["bench", "sample", "--config", "configs/tiny/dynamics.yaml", "--context", "2", "--frames", "1"]
+    assert main([*args, "--steps", "2", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["width"], r["tokens"], r["conditioning"]) for r in rows} == {(96, 36, "film")}
+
+
+def test_bench_train_dynamics_times_token_and_video_batches(tmp_path):
+    out = tmp_path / "d.json"
+    args = ["bench", "train", "--stage", "dynamics", "--batch-size", "2", "--frames", "3", "--precision", "32"]
+    assert main([*args, "--steps", "1", "--warmup", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["inputs"] for r in rows] == ["tokens", "frames"]  # frames: untrained stand-in tokenizer + LAM first
+    assert all(r["s_per_step"] > 0 and r["image"] == 24 for r in rows)

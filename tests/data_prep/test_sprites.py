@@ -241,3 +241,17 @@ def test_render_episode_checks_its_arguments():
         render_episode(np.random.default_rng(0), 4, 64, num_actions=9)
     with pytest.raises(ValueError, match="num_frames"):
         render_episode(np.random.default_rng(0), 1, 64)
+
+
+def test_backgrounds_come_from_the_fixed_palette():
+    from data_prep.sprites import background_palette
+
+    palette = {tuple(int(v) for v in c) for c in background_palette(3)}
+    seen = set()
+    for seed in range(30):
+        frames, _, info = render_episode(np.random.default_rng(seed), 2, 24, distractors=0, step=4, backgrounds=3)
+        seen.add(tuple(info["background"]))
+        assert tuple(int(v) for v in frames[0, 0, 0]) in palette | {tuple(SPRITE_COLOR)}
+    assert seen == palette  # every colour of the palette, and no other
+    with pytest.raises(ValueError, match="backgrounds must be in 0..16"):
+        render_episode(np.random.default_rng(0), 2, 24, backgrounds=17)

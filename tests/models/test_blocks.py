@@ -174,3 +174,24 @@ def test_rope_relative():
     s1 = (apply_rope(q, cos[3:4], sin[3:4]) * apply_rope(k, cos[1:2], sin[1:2])).sum()
     s2 = (apply_rope(q, cos[903:904], sin[903:904]) * apply_rope(k, cos[901:902], sin[901:902])).sum()
     torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
+
+
+def test_qk_norm_hands_rms_norm_a_weight_in_the_input_dtype(monkeypatch):
+    # with an fp32 weight and bf16 input, rms_norm on GPU bypasses its fused kernel (seen on an H200)
+    from genie.models.blocks import QKNorm
+
+    seen = []
+    real = F.rms_norm
+
+    def recording(x, shape, weight=None, eps=None):
+        seen.append((x.dtype, weight.dtype))
+        return real(x, shape, weight, eps)
+
+    monkeypatch.setattr(F, "rms_norm", recording)
+    norm = QKNorm(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and seen[-1] == (torch.bfloat16, torch.bfloat16)
+    assert norm.weight.dtype == torch.float32  # the parameter itself stays fp32
+    x = torch.randn(3, 8)
+    assert torch.allclose(norm(x), real(x, (8,), norm.weight, norm.eps))

@@ -40,6 +40,10 @@ SINGLE: dict[str, tuple[str, str]] = {
 }
 
 
+# exceptions that are the user's to fix: printed as one line, exit 2
+USER_ERRORS = {"PrepError", "DataError", "ConfigError", "FileNotFoundError", "ValueError", "DemoError"}
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genie", description=__doc__.splitlines()[0])
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         # user-facing errors are one line; anything else keeps its traceback
-        if type(e).__name__ in {"PrepError", "DataError", "ConfigError", "FileNotFoundError", "ValueError"}:
+        if type(e).__name__ in USER_ERRORS:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

@@ -25,6 +25,10 @@ CONFIGS = ROOT / "configs" / "tiny"
 SPRITES = ["--size", "24", "--step", "4", "--sprite-size", "4", "--distractors", "0", "--backgrounds", "4"]
 
 
+class DemoError(RuntimeError):
+    """A stage of the demo failed (its own error was printed above)."""
+
+
 def stages(out: Path, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The demo's genie commands, in order: (what, argv)."""
     data, tokens = out / "data", out / "tokens"
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.time()
         code = main(argv)
         if code != 0:
-            raise RuntimeError(f"demo stage '{what}' failed (exit {code}); rerun it alone with the command above")
+            raise DemoError(f"demo stage '{what}' failed (exit {code}); rerun it alone with the command above")
         print(f"[{i}/{len(cmds) + 1}] {what} done in {time.time() - t0:.0f} s", flush=True)
     print(f"\n[{len(cmds) + 1}/{len(cmds) + 1}] rollouts: one GIF per latent action", flush=True)
     gifs = write_rollouts(out / "world", out / "data" / "val", out / "rollouts")

@@ -37,13 +37,22 @@ def load_prompt(path: Path, size: int, max_frames: int) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"prompt {path} does not exist")
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(path) as im:
-            frame = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                frame = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"prompt {path} is not a readable image: {e}") from None
         return resize_center_crop(frame, size)[None]
-    _, frames = read_video_resampled(str(path), None)
-    last = deque((f for _, f in frames), maxlen=max_frames)  # every frame is decoded; only these are kept
+    from genie.data.video import DecodeError
+
+    try:
+        _, frames = read_video_resampled(str(path), None)
+        last = deque((f for _, f in frames), maxlen=max_frames)  # every frame is decoded; only these are kept
+    except DecodeError as e:
+        kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ValueError(f"prompt {path} is neither an image ({kinds}) nor a video: {e}") from None
     if not last:
         raise ValueError(f"prompt video {path} has no frames")
     return np.stack([resize_center_crop(f, size) for f in last])

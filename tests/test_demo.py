@@ -18,3 +18,9 @@ def test_quick_demo_writes_a_world_an_eval_and_gifs(tmp_path: Path, capsys):
     meta = json.loads((out / "world" / "world.json").read_text())
     assert meta["sampler"]["temperature"] == 0.0
     assert len(list((out / "rollouts").glob("action_*.gif"))) == meta["num_actions"]
+
+
+def test_a_failing_stage_stops_the_demo_with_one_line(tmp_path: Path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--episodes", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: demo stage 'data' failed") and "--episodes must be >= 1" in "\n".join(err)

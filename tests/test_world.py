@@ -161,6 +161,12 @@ def test_rollout_cli_errors_are_one_line(bundle: Path, tmp_path: Path, capsys):
     assert "actions must be in 0..4" in capsys.readouterr().err
     assert main([*base, "--actions", "left"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+    for name, content in (("broken.png", b"not a png"), ("notes.txt", b"not a video")):
+        (tmp_path / name).write_bytes(content)
+        args = ["rollout", "--world", str(bundle), "--prompt", str(tmp_path / name), "--actions", "0"]
+        assert main([*args, "--out", str(tmp_path / "o.gif")]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "prompt" in err[0] and name in err[0], err
 
 
 def test_export_world_cli(tmp_path: Path):

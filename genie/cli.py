@@ -16,6 +16,8 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("prep", "coinrun"): ("data_prep.coinrun", "Procgen CoinRun episodes (random policy) -> shards with actions"),
     ("prep", "sprites"): ("data_prep.sprites", "synthetic controllable sprite videos with known actions"),
     ("prep", "inspect"): ("data_prep.inspect", "describe a shard folder and write a contact sheet PNG"),
+    ("prep", "robot"): ("data_prep.robot", "simulated robot-arm episodes (Meta-World experts) -> shards with actions"),
+    ("prep", "lerobot"): ("data_prep.lerobot", "LeRobot-layout dataset (videos + parquet) -> shards with actions"),
     ("prep", "tokenize"): ("data_prep.tokenize", "video shards -> token + latent action shards (dynamics input)"),
     ("export", "model"): ("genie.export", "a stage checkpoint -> Hugging Face-layout model folder"),
     ("export", "world"): ("genie.export_world", "tokenizer + LAM + dynamics folders -> one world bundle"),
@@ -36,6 +38,7 @@ GROUP_HELP = {
 # top-level commands without subcommands: name -> (module, help)
 SINGLE: dict[str, tuple[str, str]] = {
     "rollout": ("genie.rollout", "drive a world with actions from a prompt and write an mp4 or gif"),
+    "play": ("genie.play.server", "play a world in the browser: keys pick latent actions (serves 127.0.0.1)"),
     "demo": ("genie.demo", "the whole idea on a CPU in minutes: sprites -> 3 stages -> world -> ΔtPSNR + GIFs"),
 }
 

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{report['psnr_mean']:.2f} dB vs {report['copy_psnr_mean']:.2f} for copying the prompt.\n"
         f"  eval:     {out / 'world' / 'eval' / 'world_eval.png'}\n"
         f"  rollouts: {gifs[0].parent}/action_*.gif\n"
+        f"  play it:  genie play --world {out / 'world'} --data {out / 'data' / 'val'}   (then open http://127.0.0.1:8000)\n"
         f"  drive it: genie rollout --world {out / 'world'} --prompt F.png --actions 0,1,2,3 --out a.gif --scale 8\n"
         f"  in code:  genie.World.from_pretrained({str(out / 'world')!r})"
     )

@@ -129,6 +129,14 @@ class World:
             seed=seed,
         )
 
+    def fork(self, seed: int | None = None) -> World:
+        """A World that shares this one's models (no copy) but has its own episode and sampling generator.
+
+        Use one fork per concurrent episode (e.g. per browser tab in ``genie play``); forks must not step
+        at the same time from several threads unless the caller serialises model calls.
+        """
+        return World(self.tokenizer, self.lam, self.dynamics, self.sampler_config, self.device, seed)
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Write this world as a bundle folder."""
         return write_bundle(path, self.tokenizer, self.lam, self.dynamics, self.sampler_config)

@@ -38,3 +38,11 @@ def coinrun_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("coinrun") / "shards"
     assert main(["prep", "coinrun", "--out", str(out), *COINRUN_TINY_ARGS]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 16x16 world bundle (5 actions, 2 sampling steps): for API and front-end plumbing."""
+    from tests.worlds import write_tiny_world
+
+    return write_tiny_world(tmp_path_factory.mktemp("tiny_world") / "world")

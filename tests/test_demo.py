@@ -13,6 +13,7 @@ def test_quick_demo_writes_a_world_an_eval_and_gifs(tmp_path: Path, capsys):
     assert main(["demo", "--out", str(out), "--quick", "--episodes", "32"]) == 0
     printed = capsys.readouterr().out
     assert "[9/9] rollouts" in printed and "ΔtPSNR(t=4)" in printed and "genie rollout --world" in printed
+    assert "genie play --world" in printed
     report = json.loads((out / "world" / "eval" / "world_eval.json").read_text())
     assert report["horizon"] == 8 and "delta_psnr_t4" in report
     meta = json.loads((out / "world" / "world.json").read_text())

@@ -1,0 +1,1 @@
+"""``genie play``: a world in the browser (:mod:`genie.play.server`, :mod:`genie.play.keys`)."""

@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="exported tokenizer folder")
     parser.add_argument("--lam", type=Path, required=True, help="exported LAM folder")
     parser.add_argument("--dynamics", type=Path, required=True, help="exported dynamics folder")
+    parser.add_argument("--adapter", type=Path, default=None, help="optional exported action adapter folder")
     parser.add_argument("--out", type=Path, required=True, help="the world bundle folder to write")
     add_sampler_arguments(parser)
 
@@ -36,6 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     from genie.world import write_bundle
 
-    out = write_bundle(args.out, args.tokenizer, args.lam, args.dynamics, sampler_from(args))
+    out = write_bundle(args.out, args.tokenizer, args.lam, args.dynamics, sampler_from(args), args.adapter)
     print(f"world bundle written to {out} (load it with genie.World.from_pretrained({str(out)!r}))")
     return out

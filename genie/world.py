@@ -9,6 +9,7 @@ A world bundle is a folder with one exported model per part (``genie export worl
     WORLD/tokenizer/         config.json + model.safetensors   (VideoTokenizer)
     WORLD/lam/               config.json + model.safetensors   (LatentActionModel)
     WORLD/dynamics/          config.json + model.safetensors   (DynamicsModel)
+    WORLD/adapter/           optional: config.json + model.safetensors (ActionAdapter: robot action -> latent)
 
 Stepping: the prompt frames are tokenized; each :meth:`World.step` samples the next frame's tokens with
 MaskGIT (:class:`~genie.models.sampler.MaskGITSampler`, whose KV cache holds the past frames) and decodes
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from genie.models.adapter import ActionAdapter
 from genie.models.blocks import KVCache
 from genie.models.dynamics import DynamicsModel
 from genie.models.lam import LatentActionModel
@@ -67,6 +69,7 @@ class World:
         world = World.from_pretrained("runs/world", seed=0)
         frame = world.reset(prompt_uint8_HW3)          # or a (T, H, W, 3) clip as context
         frame = world.step(3)                          # uint8 (H, W, 3)
+        frame = world.step(robot_action=[0.1, 0, 0, 1])  # with an action adapter (robot fine-tuning)
         ids = world.infer_actions(video_uint8_THW3)    # latent action of each transition
 
     Args:
@@ -74,6 +77,7 @@ class World:
         sampler: MaskGIT sampling settings.
         device: where the models run.
         seed: seed of the sampling generator (see :meth:`seed`).
+        adapter: optional action adapter mapping a robot's real actions to latent actions.
     """
 
     def __init__(
@@ -84,12 +88,19 @@ class World:
         sampler: SamplerConfig | None = None,
         device: str | torch.device = "cpu",
         seed: int | None = None,
+        adapter: ActionAdapter | None = None,
     ):
         check_compatible(tokenizer, lam, dynamics)
+        torch.set_flush_denormal(True)  # subnormal floats are 10-100x slower on CPUs (see genie.cli.flush_denormals)
+        if adapter is not None and adapter.config.num_actions != dynamics.num_actions:
+            raise ValueError(
+                f"adapter num_actions={adapter.config.num_actions} but the world has {dynamics.num_actions} actions"
+            )
         self.device = torch.device(device)
         self.tokenizer = tokenizer.to(self.device).eval()
         self.lam = lam.to(self.device).eval()
         self.dynamics = dynamics.to(self.device).eval()
+        self.adapter = None if adapter is None else adapter.to(self.device).eval()
         self.sampler_config = sampler or SamplerConfig()
         self.generator = torch.Generator(device=self.device)
         self.seed(seed)
@@ -120,6 +131,9 @@ class World:
             meta = json.loads((path / "world.json").read_text())
         if sampler is None:
             sampler = SamplerConfig(**meta.get("sampler", {}))
+        adapter = None
+        if (path / "adapter" / "config.json").is_file():
+            adapter = ActionAdapter.from_pretrained(path / "adapter")
         return cls(
             VideoTokenizer.from_pretrained(path / "tokenizer"),
             LatentActionModel.from_pretrained(path / "lam"),
@@ -127,6 +141,7 @@ class World:
             sampler=sampler,
             device=device,
             seed=seed,
+            adapter=adapter,
         )
 
     def fork(self, seed: int | None = None) -> World:
@@ -135,11 +150,11 @@ class World:
         Use one fork per concurrent episode (e.g. per browser tab in ``genie play``); forks must not step
         at the same time from several threads unless the caller serialises model calls.
         """
-        return World(self.tokenizer, self.lam, self.dynamics, self.sampler_config, self.device, seed)
+        return World(self.tokenizer, self.lam, self.dynamics, self.sampler_config, self.device, seed, self.adapter)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write this world as a bundle folder."""
-        return write_bundle(path, self.tokenizer, self.lam, self.dynamics, self.sampler_config)
+        return write_bundle(path, self.tokenizer, self.lam, self.dynamics, self.sampler_config, self.adapter)
 
     # -- properties -----------------------------------------------------------------------------------
 
@@ -199,11 +214,34 @@ class World:
         return self.begin(frames_BTHWC, None if actions is None else self.check_actions(actions)[None])[0]
 
     @torch.no_grad()
-    def step(self, action: int) -> np.ndarray:
-        """Apply one latent action (0..A-1) and return the next frame, uint8 (H, W, 3)."""
+    def step(self, action: int | None = None, *, robot_action: Any = None) -> np.ndarray:
+        """Apply one latent action (0..A-1), or a robot's real action through the adapter; the next frame.
+
+        Args:
+            action: a latent action id.
+            robot_action: instead of ``action``, a real action vector (U,) (needs a world with an adapter).
+
+        Returns:
+            uint8 (H, W, 3).
+        """
         if self._sampler is None:
             raise RuntimeError("call reset(prompt) before step(action)")
+        if (action is None) == (robot_action is None):
+            raise ValueError("step takes either a latent action or robot_action=vector, not both or neither")
+        if robot_action is not None:
+            action = int(self.latent_actions_of(robot_action).reshape(-1)[0])
         return self.advance(self.check_actions(torch.tensor([action])))[0]
+
+    @torch.no_grad()
+    def latent_actions_of(self, robot_actions: Any) -> np.ndarray:
+        """Real robot actions float (..., U) -> the latent actions the adapter maps them to, int64 (...)."""
+        if self.adapter is None:
+            raise ValueError("this world has no action adapter: fine-tune it on robot data with real actions")
+        u = torch.as_tensor(np.asarray(robot_actions, dtype=np.float32), device=self.device)
+        U = self.adapter.config.action_dim
+        if u.ndim == 0 or u.shape[-1] != U:
+            raise ValueError(f"robot actions must be vectors of {U} numbers, got shape {tuple(u.shape)}")
+        return self.adapter.latent_action(u).cpu().numpy()
 
     @torch.no_grad()
     def begin(self, frames_BTHWC: Tensor, actions_BT: Tensor | None = None) -> np.ndarray:
@@ -258,15 +296,22 @@ def write_bundle(
     lam: LatentActionModel | str | Path,
     dynamics: DynamicsModel | str | Path,
     sampler: SamplerConfig | None = None,
+    adapter: ActionAdapter | str | Path | None = None,
 ) -> Path:
-    """Assemble a world bundle from three models (objects or exported folders); checks they fit together."""
+    """Assemble a world bundle from three models and an optional action adapter (objects or exported folders).
+
+    Checks that they fit together.
+    """
     out = Path(out)
     loaded = []
-    for name, part, cls in (
+    given = [
         ("tokenizer", tokenizer, VideoTokenizer),
         ("lam", lam, LatentActionModel),
         ("dynamics", dynamics, DynamicsModel),
-    ):
+    ]
+    if adapter is not None:
+        given.append(("adapter", adapter, ActionAdapter))
+    for name, part, cls in given:
         if isinstance(part, str | Path):
             folder = Path(part)
             if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
@@ -275,16 +320,21 @@ def write_bundle(
         if not isinstance(part, cls):
             raise ValueError(f"{name} must be a {cls.__name__}, got {type(part).__name__}")
         loaded.append(part)
-    check_compatible(*loaded)
+    check_compatible(*loaded[:3])
+    if adapter is not None and loaded[3].config.num_actions != loaded[2].num_actions:
+        raise ValueError(f"adapter num_actions={loaded[3].config.num_actions} but the LAM has {loaded[2].num_actions}")
+    names = [*PARTS, "adapter"][: len(loaded)]
     out.mkdir(parents=True, exist_ok=True)
-    for name, model in zip(PARTS, loaded, strict=True):
+    if adapter is None and (out / "adapter").exists():
+        shutil.rmtree(out / "adapter")  # a stale adapter must not ride along with new models
+    for name, model in zip(names, loaded, strict=True):
         if (out / name).exists():
             shutil.rmtree(out / name)
         model.save_pretrained(out / name)
     meta = {
         "format": WORLD_FORMAT,
         "version": WORLD_VERSION,
-        "parts": {name: type(m).__name__ for name, m in zip(PARTS, loaded, strict=True)},
+        "parts": {name: type(m).__name__ for name, m in zip(names, loaded, strict=True)},
         "num_actions": loaded[2].num_actions,
         "image_size": loaded[0].config.image_size,
         "sampler": dataclasses.asdict(sampler or SamplerConfig()),

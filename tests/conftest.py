@@ -46,3 +46,26 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.worlds import write_tiny_world
 
     return write_tiny_world(tmp_path_factory.mktemp("tiny_world") / "world")
+
+
+def make_robot_shards(out: Path, size: int, episodes: int, val_episodes: int, *extra: str) -> Path:
+    """``genie prep robot`` (Meta-World reach-v3, 8-frame clips) into ``out``; skips the test without Meta-World."""
+    from data_prep.common import PrepError
+    from data_prep.robot import load_metaworld
+    from genie.cli import main
+
+    try:
+        load_metaworld()
+    except PrepError as e:
+        pytest.skip(str(e))
+    args = ["prep", "robot", "--out", str(out), "--task", "reach-v3", "--size", str(size), "--clip-frames", "8"]
+    args += ["--episodes", str(episodes), "--val-episodes", str(val_episodes), "--workers", "0", *extra]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def robot_shards_16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny 16 px robot-arm shards with real 4-D actions (train/ and val/): plumbing of the fine-tune stage."""
+    out = tmp_path_factory.mktemp("robot16") / "shards"
+    return make_robot_shards(out, 16, 4, 2, "--max-episode-frames", "16")

@@ -41,3 +41,18 @@ def test_quickstart_notebook_runs_on_a_tiny_world(tiny_world: Path, tiny_shards:
     assert len(images) >= 4, "reconstructions, action effects, rollout and the PSNR plot each show a figure"
     assert "5 latent actions, 16x16 frames" in text and "inferred latent actions:" in text
     assert "true actions:" in text and "arrow keys in genie play:" in text
+
+
+def test_robot_finetune_notebook_runs_on_a_tiny_world(tiny_world: Path, robot_shards_16: Path, tmp_path, monkeypatch):
+    monkeypatch.setenv("GENIE_WORLD", str(tiny_world))
+    monkeypatch.setenv("GENIE_ROBOT_DATA", str(robot_shards_16))
+    monkeypatch.setenv("GENIE_OUT", str(tmp_path / "ft"))
+    monkeypatch.setenv("GENIE_FINETUNE_STEPS", "3")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    cells = execute("robot_finetune.ipynb", tmp_path)
+    outputs = [o for c in cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    assert "adapter: 4 -> one of 5 latent actions" in text and "fine-tuned: rollout PSNR" in text
+    assert "latent actions the adapter picked:" in text
+    assert (tmp_path / "ft" / "export" / "adapter" / "model.safetensors").is_file()

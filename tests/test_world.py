@@ -152,3 +152,35 @@ def test_export_world_cli(tmp_path: Path):
     assert World.from_pretrained(tmp_path / "w").sampler_config.steps == 3
     shutil.rmtree(folders["lam"])
     assert main(args) == 2  # a missing part: one-line error
+
+
+def test_robot_actions_drive_the_world_through_its_adapter(tmp_path: Path):
+    import torch
+
+    from genie.models.adapter import ActionAdapter, AdapterConfig
+
+    torch.manual_seed(0)
+    adapter = ActionAdapter(AdapterConfig(action_dim=3, num_actions=A, hidden=16))
+    bundle = write_bundle(tmp_path / "w", *parts(), SamplerConfig(steps=2), adapter=adapter)
+    assert json.loads((bundle / "world.json").read_text())["parts"]["adapter"] == "ActionAdapter"
+    world = World.from_pretrained(bundle, seed=0)
+    commands = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    ids = world.latent_actions_of(commands)
+    assert ids.shape == (6,) and ((ids >= 0) & (ids < A)).all()
+    world.seed(1)
+    world.reset(frames(1)[0])
+    by_command = [world.step(robot_action=u) for u in commands]
+    world.seed(1)
+    world.reset(frames(1)[0])
+    by_id = [world.step(int(a)) for a in ids]
+    assert all(np.array_equal(x, y) for x, y in zip(by_command, by_id, strict=True))
+    with pytest.raises(ValueError, match="vectors of 3 numbers"):
+        world.step(robot_action=[1.0, 2.0])
+    with pytest.raises(ValueError, match="not both"):
+        world.step(1, robot_action=commands[0])
+    plain = World.from_pretrained(write_bundle(bundle, *parts(), SamplerConfig(steps=2)), seed=0)  # rewritten
+    assert not (bundle / "adapter").exists() and plain.adapter is None
+    with pytest.raises(ValueError, match="no action adapter"):
+        plain.latent_actions_of(commands)
+    with pytest.raises(ValueError, match="adapter num_actions=3"):
+        write_bundle(tmp_path / "bad", *parts(), adapter=ActionAdapter(AdapterConfig(action_dim=3, num_actions=3)))

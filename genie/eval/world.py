@@ -11,6 +11,11 @@ For each held-out clip (``context`` prompt frames then ``horizon`` frames to pre
 - **ΔtPSNR** (Genie, section 3.2 "Controllability"): the same rollout driven by uniformly random actions
   instead; ``delta_psnr[t] = psnr_inferred[t] - psnr_random[t]``, reported at t = 4 as ``delta_psnr_t4``.
   Positive means the latent actions steer the world the way the real clip went.
+- **action adapter** (worlds fine-tuned on robot data, clips with real actions ``actions.npy`` float32
+  ``[T-1, U]``): ``adapter_accuracy``, how often the adapter maps a transition's real action to the latent
+  action the LAM infers from its frames, against ``adapter_majority_baseline`` (always answering the LAM's
+  most common action) and chance (1/A); and ``psnr_adapter_per_step``, the rollout driven by the adapter's
+  mapping of the real actions (what ``World.step(robot_action=...)`` does).
 - baselines: copying the last context frame (``copy_psnr``), and the tokenizer's own reconstruction of the
   real frames (``tokenizer_psnr``, what a perfect dynamics model would reach).
 
@@ -59,6 +64,8 @@ def evaluate_world(
         for k in ("psnr", "ssim", "psnr_random", "ssim_random", "copy_psnr", "tokenizer_psnr", "acc")
     }
     clips = skipped = 0
+    adapter_hits = adapter_total = 0
+    lam_counts_A = torch.zeros(A, dtype=torch.long)
     rng = torch.Generator().manual_seed(seed)
     bar = tqdm(total=max_clips, desc="eval world", unit="clip", dynamic_ncols=True)
     for b, batch in enumerate(heldout_stream(shards, T, batch_size, world.image_size, max_clips)):
@@ -85,6 +92,16 @@ def evaluate_world(
         random_actions = torch.randint(0, A, (B, horizon), generator=rng).to(device)
         world.seed(seed + b)
         gen_rand = torch.from_numpy(world.rollout(frames[:, :context], random_actions, ctx_actions)).to(device)
+        real_actions = batch.get("actions")
+        if world.adapter is not None and real_actions is not None and real_actions.is_floating_point():
+            mapped = world.adapter.latent_action(real_actions.to(device))  # (B, T-1)
+            adapter_hits += int((mapped == actions).sum())
+            adapter_total += mapped.numel()
+            lam_counts_A += torch.bincount(actions.flatten().cpu(), minlength=A)
+            world.seed(seed + b)
+            gen_adapter = world.rollout(frames[:, :context], mapped[:, context - 1 :], ctx_actions)
+            sums.setdefault("psnr_adapter", torch.zeros(horizon, dtype=torch.float64))
+            sums["psnr_adapter"] += frame_psnr(torch.from_numpy(gen_adapter).to(device), real).sum(0).cpu().double()
         recon = world.tokenizer.decode(tokens_BThw)
         copy = frames[:, context - 1 : context].expand_as(real)
 
@@ -106,6 +123,16 @@ def evaluate_world(
     per_step = {k: (v / clips).tolist() for k, v in sums.items()}
     delta = [p - r for p, r in zip(per_step["psnr"], per_step["psnr_random"], strict=True)]
     t4 = min(DELTA_T, horizon)
+    adapter: dict[str, Any] = {}
+    if adapter_total:
+        adapter = {
+            "adapter_accuracy": adapter_hits / adapter_total,
+            "adapter_majority_baseline": int(lam_counts_A.max()) / adapter_total,
+            "adapter_chance": 1 / A,
+            "adapter_transitions": adapter_total,
+            "psnr_adapter_per_step": per_step["psnr_adapter"],
+            "psnr_adapter_mean": float(np.mean(per_step["psnr_adapter"])),
+        }
     return {
         "clips": clips,
         "context": context,
@@ -126,6 +153,7 @@ def evaluate_world(
         "psnr_mean": float(np.mean(per_step["psnr"])),
         "copy_psnr_mean": float(np.mean(per_step["copy_psnr"])),
         "skipped_samples": skipped,
+        **adapter,
     }
 
 
@@ -138,6 +166,8 @@ def plot_world(report: dict[str, Any], path: Path) -> Path:
     ax.plot(steps, report["psnr_random_per_step"], "s--", label="random actions")
     ax.plot(steps, report["copy_psnr_per_step"], ":", label="copy last frame")
     ax.plot(steps, report["tokenizer_psnr_per_step"], "-", alpha=0.5, label="tokenizer reconstruction")
+    if "psnr_adapter_per_step" in report:
+        ax.plot(steps, report["psnr_adapter_per_step"], "^-", label="robot actions (adapter)")
     ax.set_xlabel("rollout step")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(f"ΔtPSNR(t={report['delta_psnr_t']}) = {report['delta_psnr_t4']:.2f} dB")
@@ -187,4 +217,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{report['psnr_mean']:.2f} dB (copy-last-frame {report['copy_psnr_mean']:.2f}); "
         f"ΔtPSNR(t={report['delta_psnr_t']}) {report['delta_psnr_t4']:+.2f} dB on {report['clips']} clips -> {out}"
     )
+    if "adapter_accuracy" in report:
+        print(
+            f"action adapter: {report['adapter_accuracy']:.3f} of {report['adapter_transitions']} transitions mapped "
+            f"to the LAM's latent action (always-majority {report['adapter_majority_baseline']:.3f}, chance "
+            f"{report['adapter_chance']:.3f}); rollout PSNR driven by robot actions "
+            f"{report['psnr_adapter_mean']:.2f} dB"
+        )
     return report

@@ -127,7 +127,10 @@ class DynamicsStage(StageModule):
         return out.loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        tokens, actions = self.inputs(batch)
+        self.validate_dynamics(*self.inputs(batch))
+
+    def validate_dynamics(self, tokens: Tensor, actions: Tensor) -> None:
+        """Log the dynamics model's validation metrics on token ids (B, T, h, w) and latent actions (B, T-1)."""
         n = tokens.shape[0]
         out = self.net(tokens, actions)  # the training objective, random masks
         self.log("val/loss", out.loss, batch_size=n, sync_dist=True)

@@ -19,32 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from genie.cli import main
 
-from .conftest import train_from_config
-
 HORIZON = 4
-
-
-@pytest.fixture(scope="session")
-def sprites_world(
-    plain_sprites_shards: Path, plain_sprites_tokenizer: tuple, plain_sprites_lam: tuple, tmp_path_factory
-) -> Path:
-    sprites_shards = plain_sprites_shards
-    root = tmp_path_factory.mktemp("world")
-    tok, lam = str(plain_sprites_tokenizer[0]), str(plain_sprites_lam[0])
-    tokens = root / "tokens"
-    for split in ("train", "val"):
-        args = ["prep", "tokenize", "--data", str(sprites_shards / split), "--out", str(tokens / split)]
-        assert main([*args, "--tokenizer", tok, "--lam", lam, "--device", "cpu"]) == 0
-    stage, _ = train_from_config("tiny/dynamics.yaml", str(tokens / "train"), tokenizer=tok, lam=lam)  # 1000 steps
-    dyn = stage.export(root / "dynamics")
-    world = root / "bundle"
-    args = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", str(dyn), "--out", str(world)]
-    assert main(args) == 0
-    return world
 
 
 def test_world_is_controllable_and_predicts(sprites_world: Path, plain_sprites_shards: Path, tmp_path: Path):

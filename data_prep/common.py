@@ -8,6 +8,15 @@ shards of ``shard_size`` clips, then ``summary.json`` is written and the parts a
 Why parts: jobs finish in any order when run in parallel, but shards must not depend on
 timing. A killed run keeps its finished parts; the rerun only does the missing jobs and then
 writes exactly the shards one clean run writes.
+
+Split runs (a job array over many machines): ``run_prep(..., part=(i, n))`` is run ``i`` of ``n``,
+given only its share of the jobs (:func:`select_part`). Everything it writes carries the part's
+tag ``p0003`` (:func:`part_tag`): shards ``{prefix}-p0003-000000.tar``, ``summary-p0003.json``,
+``prep_settings-p0003.json`` and ``.parts-p0003/``, so the parts can share one output folder
+without touching each other's files, and the loader reads all their shards together. Each part
+checks that the other parts' settings in the folder match its own (except the part index, the
+job list and the source path, which may be mounted elsewhere on another machine): mixing two
+differently prepared runs in one folder is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -28,10 +37,23 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from genie.data.contract import SHARD_PATTERN, ShardWriter, atomic_write_bytes, split_member_name, write_sample
+from genie.data.contract import ShardWriter, atomic_write_bytes, shard_glob, split_member_name, write_sample
 
 PARTS_DIR = ".parts"
 SUMMARY = "summary.json"
+SETTINGS = "prep_settings.json"
+
+
+def tagged(name: str, tag: str = "") -> str:
+    """A run's bookkeeping file name for part ``tag``: ``summary.json`` -> ``summary-p0003.json``."""
+    if not tag:
+        return name
+    stem, dot, ext = name.rpartition(".") if not name.startswith(".") else (name, "", "")
+    return f"{stem}-{tag}{dot}{ext}"
+
+
+# settings that may differ between the parts of one split run (see _check_sibling_runs)
+PER_PART_SETTINGS = ("part", "jobs_sha1", "src")
 
 
 class PrepError(RuntimeError):
@@ -104,12 +126,79 @@ def _run_one(fn: JobFn, job: Job, parts_dir: Path) -> JobReport:
     return report
 
 
-def _prepare_out(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> Path:
-    """Create the output folder, or check that an existing one was made with the same settings."""
+def part_tag(part: int, parts: int) -> str:
+    """``p0003``: the name of part ``part`` of ``parts`` (zero-padded to sort, at least 4 digits)."""
+    return f"p{part:0{max(4, len(str(parts - 1)))}d}"
+
+
+def part_of(name: str, parts: int) -> int:
+    """Which of ``parts`` parts an input named ``name`` (e.g. a relative path) belongs to.
+
+    A stable hash of the name, not the input's position in a listing: every machine of a job array
+    puts a file in the same part even when their listings differ (a file still being copied, a
+    listing in another order), so parts never overlap; adding files never moves the others.
+    """
+    digest = hashlib.sha1(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % parts
+
+
+def select_part(items: list[Any], names: list[str], part: int, parts: int) -> list[Any]:
+    """The items of part ``part`` of ``parts`` (by :func:`part_of` their names), order kept.
+
+    Raises:
+        PrepError: ``parts`` < 1 or ``part`` outside ``0..parts-1``.
+    """
+    check_part(part, parts)
+    return [it for it, name in zip(items, names, strict=True) if parts == 1 or part_of(name, parts) == part]
+
+
+def check_part(part: int | None, parts: int) -> None:
+    """One-line errors for bad ``--parts N --part i`` values."""
+    if parts < 1:
+        raise PrepError(f"--parts must be >= 1, got {parts}")
+    if part is None:
+        if parts > 1:
+            raise PrepError(f"--parts {parts} needs --part i (0..{parts - 1}): which part this run prepares")
+        return
+    if parts == 1 and part != 0:
+        raise PrepError(f"--part {part} needs --parts N, the number of parts the input is split into")
+    if not 0 <= part < parts:
+        raise PrepError(f"--part {part} is outside 0..{parts - 1} (--parts {parts})")
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in PER_PART_SETTINGS}
+
+
+def _check_sibling_runs(out_dir: Path, own: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add a part to a folder holding another run's shards (other settings, other --parts)."""
+    mine = _comparable(settings)
+    for other in sorted(out_dir.glob(SETTINGS.replace(".json", "*.json"))):
+        if other == own:
+            continue
+        try:
+            theirs = _comparable(json.loads(other.read_text()))
+        except (OSError, ValueError):
+            continue  # being written right now, or not ours: nothing to compare
+        if theirs != mine:
+            diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise PrepError(
+                f"{out_dir} holds shards of a prep run with other settings ({other.name} differs in "
+                f"{', '.join(diff)}); give every part the same settings, or pass --overwrite, or choose another --out"
+            )
+
+
+def _prepare_out(out_dir: Path, settings: dict[str, Any], overwrite: bool, tag: str = "") -> Path:
+    """Create the output folder, or check that an existing one was made with the same settings.
+
+    ``tag`` (a part's, e.g. ``p0003``) names this run's own bookkeeping files; see the module docstring.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = out_dir / PARTS_DIR
-    settings_file = out_dir / "prep_settings.json"
+    parts = out_dir / tagged(PARTS_DIR, tag)
+    settings_file = out_dir / tagged(SETTINGS, tag)
     wanted = json.dumps(settings, sort_keys=True, indent=1)
+    if not overwrite:
+        _check_sibling_runs(out_dir, settings_file, settings)
     if settings_file.exists() and settings_file.read_text() != wanted:
         if not overwrite:
             raise PrepError(
@@ -117,7 +206,15 @@ def _prepare_out(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> Pa
                 "pass --overwrite to replace them or choose another --out"
             )
         shutil.rmtree(parts, ignore_errors=True)
-        for p in list(out_dir.glob("*.tar")) + [out_dir / SUMMARY]:
+        if tag:  # only this part's own files: the other parts' shards stay
+            try:
+                old_prefix = json.loads(settings_file.read_text()).get("prefix", settings["prefix"])
+            except ValueError:
+                old_prefix = settings["prefix"]
+            stale = list(out_dir.glob(shard_glob(f"{old_prefix}-{tag}")))
+        else:
+            stale = list(out_dir.glob("*.tar"))
+        for p in stale + [out_dir / tagged(SUMMARY, tag)]:
             p.unlink(missing_ok=True)
     parts.mkdir(exist_ok=True)
     atomic_write_bytes(settings_file, wanted.encode())
@@ -137,6 +234,7 @@ def run_prep(
     overwrite: bool = False,
     extra_summary: dict[str, Any] | None = None,
     fail_fast: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run ``fn`` over ``jobs`` (in ``workers`` processes; 0 = in this process), then write shards.
 
@@ -149,6 +247,9 @@ def run_prep(
         workers: parallel processes.
         fail_fast: stop with PrepError when a job fails, instead of skipping it (for generated
             sources, where a failure is a bug, not a bad input file).
+        part: ``(i, n)``: this is part ``i`` of a run split in ``n`` (``jobs`` holds only this part's
+            share, see :func:`select_part`); its shards are ``{prefix}-p000i-000000.tar ...`` and its
+            bookkeeping files carry the same tag. None (or ``n == 1``): an unsplit run.
 
     Returns:
         The summary dict, also written to ``out_dir/summary.json``.
@@ -158,13 +259,20 @@ def run_prep(
     ids = [j.job_id for j in jobs]
     if len(set(ids)) != len(ids):
         raise PrepError("internal error: duplicate job ids")
-    summary_path = out / SUMMARY
     jobs_digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()
     full_settings = {**settings, "shard_size": shard_size, "prefix": prefix, "jobs_sha1": jobs_digest}
-    parts = _prepare_out(out, full_settings, overwrite)
+    tag = ""
+    if part is not None and part[1] > 1:
+        check_part(part[0], part[1])
+        tag = part_tag(*part)
+        full_settings.update(parts=part[1], part=part[0])
+    summary_path = out / tagged(SUMMARY, tag)
+    shard_prefix = f"{prefix}-{tag}" if tag else prefix
+    parts = _prepare_out(out, full_settings, overwrite, tag)
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        tqdm.write(f"{out}: already complete ({summary.get('clips', '?')} clips), nothing to do")
+        where = f"{out} ({tag})" if tag else str(out)
+        tqdm.write(f"{where}: already complete ({summary.get('clips', '?')} clips), nothing to do")
         shutil.rmtree(parts, ignore_errors=True)
         return summary
 
@@ -204,7 +312,7 @@ def run_prep(
                 raise
     bar.close()
 
-    shards = assemble_shards(out, parts, [j.job_id for j in jobs], prefix, shard_size)
+    shards = assemble_shards(out, parts, [j.job_id for j in jobs], shard_prefix, shard_size)
     ordered = [reports[j.job_id] for j in jobs]
     summary = {
         "ok": sum(r.ok for r in ordered),
@@ -213,6 +321,7 @@ def run_prep(
         "frames": sum(r.frames for r in ordered),
         "shards": [p.name for p in shards],
         "seconds": round(time.time() - t0, 2),
+        **({"part": part[0], "parts": part[1]} if tag and part is not None else {}),
         **(extra_summary or {}),
     }
     summary["num_skipped"] = len(summary["skipped"])
@@ -230,7 +339,7 @@ def run_prep(
 
 def assemble_shards(out: Path, parts: Path, job_ids: Iterable[str], prefix: str, shard_size: int) -> list[Path]:
     """Concatenate the parts, in job order, into shards; remove stale shards of an earlier run."""
-    for old in out.glob(SHARD_PATTERN.format(prefix=prefix, index=0).replace("000000", "*")):
+    for old in out.glob(shard_glob(prefix)):
         old.unlink()
     with ShardWriter(out, prefix=prefix, shard_size=shard_size) as writer:
         for job_id in job_ids:

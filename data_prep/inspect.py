@@ -10,6 +10,11 @@ that a loader could not use (missing or unreadable members, actions of the wrong
 shards that are truncated or not tars are counted and the first few reasons listed. Videos are
 decoded only for the contact sheet (one row per clip, evenly spaced frames), or for every clip
 with ``--decode-all``.
+
+Shards of whole videos written by other tools (video2dataset: ``mp4`` + a ``json`` that is not
+our clip metadata) are not broken: the loader windows, resizes and crops them. For them the
+frame count, size and rate are read from the video's container header, straight from the tar
+(only the header's bytes are read for an mp4), and the report counts them as ``whole_videos``.
 """
 
 from __future__ import annotations
@@ -23,11 +28,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 
 from data_prep.common import PrepError
-from genie.data.contract import ACTIONS_MEMBER, META_MEMBER, VIDEO_MEMBER, ClipMeta, npy_load
+from genie.data.contract import (
+    ACTIONS_MEMBER,
+    META_MEMBER,
+    VIDEO_MEMBER,
+    ClipMeta,
+    is_clip_meta,
+    load_meta_json,
+    npy_load,
+    whole_video_member,
+)
 
 MAX_REASONS = 5  # bad samples / shard errors listed by name; the rest are only counted
 MAX_DISTINCT_ACTIONS = 4096  # stop collecting distinct discrete values past this (continuous-ish data)
@@ -75,6 +90,7 @@ class Scan:
     sources: Counter = field(default_factory=Counter)
     frames: list[int] = field(default_factory=list)
     lossless: int = 0
+    whole_videos: int = 0  # samples without our clip metadata (video2dataset), resized by the loader
     video_ids: set[str] = field(default_factory=set)
     action_clips: int = 0
     action_dtypes: Counter = field(default_factory=Counter)
@@ -142,23 +158,30 @@ def check_sample(scan: Scan, tar: tarfile.TarFile, shard: Path, key: str, infos:
     scan.samples += 1
     scan.members.update(infos.keys())
     where = f"{shard.name}:{key}"
+    whole = None  # the video member of a whole video (no clip metadata), else None
     try:
         if META_MEMBER not in infos:
             raise ValueError("no json member")
-        meta = ClipMeta.from_bytes(_read(tar, infos[META_MEMBER], SMALL_MEMBER_BYTES))
+        raw = load_meta_json(_read(tar, infos[META_MEMBER], SMALL_MEMBER_BYTES))
+        whole = None if is_clip_meta(raw) else whole_video_member(infos)
+        meta = ClipMeta.from_dict(raw) if whole is None else whole_video_meta(tar, infos[whole], key, raw)
         frames, width, height = int(meta.frames), int(meta.width), int(meta.height)
     except Exception as e:  # any garbage in a member is a bad sample, never a crash
-        scan.add_bad(where, f"unreadable metadata ({type(e).__name__}: {str(e)[:120]})")
+        what = "unreadable video" if whole is not None else "unreadable metadata"
+        scan.add_bad(where, f"{what} ({type(e).__name__}: {str(e)[:120]})")
         return
     scan.resolutions[f"{width}x{height}"] += 1
     scan.fps[f"{float(meta.fps):g}"] += 1
     scan.sources[meta.source.split("/")[0]] += 1
     scan.frames.append(frames)
     scan.lossless += bool(meta.lossless)
+    scan.whole_videos += whole is not None
     scan.video_ids.add(meta.video_id or key.rpartition("_")[0])
     problems = []
-    video = infos.get(VIDEO_MEMBER)
-    if video is None or video.size == 0:
+    video = infos.get(whole or VIDEO_MEMBER)
+    if whole is not None:
+        pass  # its header was read and parsed above
+    elif video is None or video.size == 0:
         problems.append("no video" if video is None else "empty video member")
     else:
         try:
@@ -176,6 +199,25 @@ def check_sample(scan: Scan, tar: tarfile.TarFile, shard: Path, key: str, infos:
         scan.add_bad(where, "; ".join(problems))
     else:
         scan.clips.append(ClipRef(key, shard, video.offset_data, video.size, frames))
+
+
+def whole_video_meta(tar: tarfile.TarFile, video: tarfile.TarInfo, key: str, raw: dict[str, Any]) -> ClipMeta:
+    """Describe a whole video (video2dataset layout) from its container header, read in place in the tar.
+
+    Raises:
+        DecodeError: not a readable video; ValueError: a video2dataset status other than success.
+    """
+    from genie.data.video import probe_video
+
+    status = raw.get("status")
+    if status is not None and status != "success":
+        raise ValueError(f"video2dataset status {str(status)[:40]!r}")
+    f = tar.extractfile(video)  # seekable: only the bytes the demuxer asks for are read
+    if f is None:
+        raise ValueError("video member is not a file")
+    info = probe_video(f)
+    source = urlparse(str(raw.get("url") or "")).netloc or "whole videos"
+    return ClipMeta(source=source, fps=info.fps, frames=info.frames, width=info.width, height=info.height, video_id=key)
 
 
 def check_actions(scan: Scan, actions: np.ndarray, frames: int) -> list[str]:
@@ -346,6 +388,7 @@ def build_report(scan: Scan, spec: str) -> dict[str, Any]:
         else {"min": int(frames.min()), "mean": round(float(frames.mean()), 2), "max": int(frames.max())},
         "fps": dict(scan.fps.most_common()),
         "lossless": scan.lossless,
+        "whole_videos": scan.whole_videos,
         "sources": dict(scan.sources.most_common(10)),
         "members": dict(sorted(scan.members.items())),
         "actions": actions,
@@ -370,6 +413,15 @@ def print_report(report: dict[str, Any]) -> None:
     rows += [
         ("fps", _counts(report["fps"])),
         ("lossless", f"{report['lossless']} of {report['samples']}"),
+    ]
+    if report["whole_videos"]:
+        rows.append(
+            (
+                "whole videos",
+                f"{report['whole_videos']} (no clip metadata, e.g. video2dataset: windowed and resized by the loader)",
+            )
+        )
+    rows += [
         ("sources", _counts(report["sources"])),
         ("members", _counts(report["members"])),
     ]

@@ -4,6 +4,16 @@ Each file is cut into consecutive, non-overlapping clips of ``--clip-frames`` fr
 ``--fps`` (resampled by dropping/repeating frames), resized so the short side is ``--size``
 and center-cropped square, and encoded as H.264 with a short GOP. Files are processed in
 parallel; the run is resumable (see :mod:`data_prep.common`).
+
+``--parts N --part i`` (a job array over many machines): this run prepares only the files of
+part ``i``, chosen by a stable hash of each file's path relative to ``SRC``
+(:func:`data_prep.common.part_of`) rather than by striding over the sorted listing, because then
+parts stay disjoint even when the machines' listings differ (files still arriving on a shared
+filesystem); parts are equal in size only on average, which is all a large array needs. Part
+``i`` writes ``PREFIX-p000i-000000.tar ...`` plus its own ``summary-p000i.json``,
+``prep_settings-p000i.json`` and ``.parts-p000i/``, so all parts can write into the same ``--out``;
+a file's clips are the same bytes whichever part prepares it, so the union of the parts is exactly
+what one unsplit run writes, only spread over other shard files.
 """
 
 from __future__ import annotations
@@ -14,7 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import Job, JobReport, PartWriter, PrepError, print_summary, run_prep
+from data_prep.common import (
+    Job,
+    JobReport,
+    PartWriter,
+    PrepError,
+    check_part,
+    part_tag,
+    print_summary,
+    run_prep,
+    select_part,
+)
 from genie.data.contract import ClipMeta, clip_key, make_video_id
 from genie.data.video import DEFAULT_GOP, encode_clip, read_video_resampled, resize_center_crop
 
@@ -100,6 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default="shard", help="shard name prefix: PREFIX-000000.tar")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (0: none)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
+    parser.add_argument(
+        "--parts", type=int, default=1, help="split the files into N disjoint parts (a job array, one part a run)"
+    )
+    parser.add_argument(
+        "--part", type=int, default=None, help="which part (0..N-1) this run prepares, e.g. $SLURM_ARRAY_TASK_ID"
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -107,9 +133,17 @@ def run(args: argparse.Namespace) -> dict:
         raise PrepError("--clip-frames must be >= 1, --size >= 2 and --fps >= 0")
     if not args.lossless and args.size % 2:
         raise PrepError(f"--size {args.size} is odd; H.264 yuv420p needs an even size (or pass --lossless)")
+    parts = getattr(args, "parts", 1)
+    part = getattr(args, "part", None)
+    check_part(part, parts)
+    split = parts > 1
     src = args.src.resolve()
     videos, others = find_videos(src)
     base = src if src.is_dir() else src.parent
+    num_videos = len(videos)
+    if split:
+        videos = select_part(videos, [v.relative_to(base).as_posix() for v in videos], part, parts)
+        others = select_part(others, [o.relative_to(base).as_posix() for o in others], part, parts)
     common = {
         "clip_frames": args.clip_frames,
         "fps": args.fps or None,
@@ -135,13 +169,16 @@ def run(args: argparse.Namespace) -> dict:
         shard_size=args.shard_size,
         workers=args.workers,
         prefix=args.prefix,
-        desc="videos",
+        desc=f"videos {part_tag(part, parts)}" if split else "videos",
         overwrite=args.overwrite,
         extra_summary={"ignored": ignored, "num_ignored": len(others), **common},
+        part=(part, parts) if split else None,
     )
-    print_summary(summary, args.out)
+    print_summary(summary, f"{args.out} (part {part} of {parts})" if split else args.out)
     for ig in summary.get("ignored", []):
         print(f"  ignored {ig['file']}: {ig['reason']}")
-    if not jobs:
+    if not jobs and num_videos:
+        print(f"warning: part {part} of {parts} holds none of the {num_videos} video files under {src}")
+    elif not jobs:
         print(f"warning: no video files ({', '.join(VIDEO_EXTENSIONS)}) found under {src}")
     return summary

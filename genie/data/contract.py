@@ -11,11 +11,20 @@ A sample is one clip with a dot-free key ``{video_id}_{clip:06d}`` and members:
 - ``actions.npy`` (optional): int64 ``[T-1]`` or float32 ``[T-1, action_dim]`` ground-truth actions,
   ``actions[t]`` being the action taken between frame ``t`` and frame ``t+1``;
 - ``tokens.npy`` / ``latent_actions.npy`` (optional): precomputed model inputs.
+
+The loader also reads *whole videos* from shards other tools wrote, video2dataset's layout
+being the usual one: a video member (``mp4``; ``webm``, ``mkv``, ``mov``, ``avi`` also work) and
+a ``json`` that is not a :class:`ClipMeta` (video2dataset writes ``url``, ``key``, ``status``,
+``caption``, ``video_metadata`` ...). :func:`is_clip_meta` tells the two apart: a json with all of
+``fps``, ``frames``, ``width`` and ``height`` is ours, anything else is a whole video whose frame
+count, size and rate are read from the video itself. Such a video is windowed, resized and
+cropped while loading (see :mod:`genie.data.loader`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -33,6 +42,12 @@ META_MEMBER = "json"
 ACTIONS_MEMBER = "actions.npy"
 TOKENS_MEMBER = "tokens.npy"
 LATENT_ACTIONS_MEMBER = "latent_actions.npy"
+
+# members a whole video (not a ClipMeta clip) may be stored under, in order of preference
+WHOLE_VIDEO_MEMBERS = (VIDEO_MEMBER, "webm", "mkv", "mov", "avi")
+# ClipMeta.extra flag set on metadata made up from a whole video (probe_meta, inspect)
+WHOLE_VIDEO = "whole_video"
+CLIP_META_REQUIRED = ("fps", "frames", "width", "height")
 
 SHARD_PATTERN = "{prefix}-{index:06d}.tar"
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9-]+")
@@ -59,14 +74,13 @@ class ClipMeta:
     @classmethod
     def from_bytes(cls, data: bytes) -> ClipMeta:
         """Parse and check the ``json`` member. Raises ValueError on anything malformed."""
-        try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"clip metadata is not JSON: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"clip metadata must be a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(load_meta_json(data))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ClipMeta:
+        """Check a parsed ``json`` member. Raises ValueError on anything malformed."""
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = {"fps", "frames", "width", "height"} - raw.keys()
+        missing = set(CLIP_META_REQUIRED) - raw.keys()
         if missing:
             raise ValueError(f"clip metadata lacks field(s) {sorted(missing)}")
         meta = cls(**{k: v for k, v in raw.items() if k in known})
@@ -76,6 +90,33 @@ class ClipMeta:
         if not isinstance(meta.fps, int | float) or meta.fps <= 0:
             raise ValueError("clip metadata field 'fps' must be a positive number")
         return meta
+
+
+def load_meta_json(data: bytes) -> dict[str, Any]:
+    """The ``json`` member as a dict (ours or another tool's). Raises ValueError unless a JSON object."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"clip metadata is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"clip metadata must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def is_clip_meta(raw: dict[str, Any]) -> bool:
+    """Whether a parsed ``json`` member is our :class:`ClipMeta` (else: a whole video's, e.g. video2dataset's)."""
+    return all(k in raw for k in CLIP_META_REQUIRED)
+
+
+def whole_video_member(sample: dict[str, Any]) -> str | None:
+    """The member holding a sample's video (``mp4`` first), or None."""
+    return next((m for m in WHOLE_VIDEO_MEMBERS if m in sample), None)
+
+
+def shard_glob(prefix: str) -> str:
+    """A glob matching exactly the shards ``{prefix}-000000.tar ...``: not another prefix's, nor a part's
+    (``{prefix}-p0001-000000.tar``)."""
+    return f"{glob.escape(prefix)}-{'[0-9]' * 6}.tar"
 
 
 def make_video_id(name: str) -> str:

@@ -1,11 +1,17 @@
-"""LightningDataModule over :class:`genie.data.loader.ClipStream`: the one way stages get data."""
+"""LightningDataModule over :class:`genie.data.loader.ClipStream`: the one way stages get data.
+
+Shards may be ours (``genie prep ...``) or whole videos written by video2dataset (``mp4`` +
+``json``); the latter are windowed, resized and cropped to ``resolution`` while loading, which the
+training entry point sets from the model config. :meth:`VideoDataModule.check` knows the
+difference: whole videos have no fixed size or length to check.
+"""
 
 from __future__ import annotations
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from genie.data.contract import ClipMeta
+from genie.data.contract import WHOLE_VIDEO, ClipMeta
 from genie.data.loader import ClipStream, DataError, expand_shards, probe_meta
 from genie.data.video import Backend
 
@@ -37,7 +43,11 @@ class VideoDataModule(L.LightningDataModule):
         seed: base seed of window sampling and shuffling.
         decode_backend: ``auto`` (decord, PyAV fallback), ``decord`` or ``pyav``.
         require_actions: skip clips without ``actions.npy`` (e.g. for action-supervised stages).
-        resolution: expected frame size; set by the stage from its model config when left None.
+        resolution: frame size; set by the stage from its model config when left None. Our clips
+            of another size are skipped (see ``resize``); whole videos are resized to it.
+        resize: resize and center-crop our own clips of another size instead of skipping them.
+        shuffle_bytes: cap on the bytes of encoded samples each worker's shuffle buffer holds
+            (matters for whole videos, MBs each; our clips are a few KB).
         pin_memory: pin batches for faster host-to-GPU copies.
     """
 
@@ -57,6 +67,8 @@ class VideoDataModule(L.LightningDataModule):
         require_actions: bool = False,
         resolution: int | None = None,
         pin_memory: bool = True,
+        resize: bool = False,
+        shuffle_bytes: int = 256 << 20,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -72,6 +84,8 @@ class VideoDataModule(L.LightningDataModule):
         self.require_actions = require_actions
         self.resolution = resolution
         self.pin_memory = pin_memory
+        self.resize = resize
+        self.shuffle_bytes = shuffle_bytes
 
     def check(self, resolution: int | None = None) -> ClipMeta:
         """Fail fast, before any training, on missing shards or clips of the wrong size.
@@ -83,7 +97,20 @@ class VideoDataModule(L.LightningDataModule):
         if self.val_shards is not None:
             expand_shards(self.val_shards)
         meta = probe_meta(self.train_shards)
-        if resolution is not None and (meta.height, meta.width) != (resolution, resolution):
+        whole = bool(meta.extra.get(WHOLE_VIDEO))
+        if whole or self.resize:
+            # resized while loading, to data.resolution: that must be set, and be the model's
+            if self.resolution is None:
+                what = "hold whole videos (e.g. video2dataset's) that are" if whole else "are"
+                raise DataError(f"shards {self.train_shards} {what} resized while loading: set data.resolution")
+            if resolution is not None and resolution != self.resolution:
+                raise DataError(
+                    f"data.resolution={self.resolution} but the model expects {resolution}x{resolution}: "
+                    f"set data.resolution={resolution}"
+                )
+            if whole:  # any length: videos shorter than a window are skipped and counted
+                return meta
+        elif resolution is not None and (meta.height, meta.width) != (resolution, resolution):
             raise DataError(
                 f"shards {self.train_shards} hold {meta.width}x{meta.height} clips but the model expects "
                 f"{resolution}x{resolution}: re-run `genie prep ... --size {resolution}` or change the model size"
@@ -109,6 +136,8 @@ class VideoDataModule(L.LightningDataModule):
             require_actions=self.require_actions,
             resolution=self.resolution,
             max_clips=None if train else self.val_clips,
+            resize=self.resize,
+            shuffle_bytes=self.shuffle_bytes,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -13,6 +13,23 @@ Training streams forever (a fresh shuffled pass over the consumer's shards each 
 runs are measured in ``max_steps``; validation reads a fixed set of clips once, with a
 deterministic window per clip, identical on every run. Corrupt samples are skipped, counted
 and logged, never raised.
+
+Two kinds of samples, told apart by their ``json`` (:func:`genie.data.contract.is_clip_meta`):
+
+- **Our clips** (``genie prep ...``): short, already at the training resolution, with a
+  :class:`ClipMeta` that gives the frame count. The window's frames are decoded and used as they
+  are (the fast path); a clip of another size is skipped, or resized when ``resize=True``.
+- **Whole videos** from other tools, video2dataset's ``mp4`` + ``json`` layout being the usual
+  one: any length, size and aspect, and metadata we do not rely on. The frame count, size and
+  rate come from the video's container header (:func:`genie.data.video.probe_video`, about a
+  millisecond for an mp4, nothing decoded); a window is sampled over the whole video; only its
+  frames are decoded, straight to the reduced size where decord allows it, then center-cropped
+  to ``resolution`` (required for them). A video2dataset ``status`` other than ``success``, an
+  undecodable or too-short video is skipped and counted like any bad clip. Each pass yields one
+  window per video, so a long video is seen as often as a short one.
+
+The shuffle buffer holds encoded samples: a few KB for our clips, but whole videos are MBs, so
+the buffer is also capped in bytes (``shuffle_bytes``) and holds fewer of them.
 """
 
 from __future__ import annotations
@@ -35,10 +52,14 @@ from genie.data.contract import (
     META_MEMBER,
     TOKENS_MEMBER,
     VIDEO_MEMBER,
+    WHOLE_VIDEO,
     ClipMeta,
+    is_clip_meta,
+    load_meta_json,
     npy_load,
+    whole_video_member,
 )
-from genie.data.video import Backend, DecodeError, decode_clip
+from genie.data.video import Backend, DecodeError, VideoInfo, decode_clip, decode_resized, probe_video
 from genie.data.windows import fixed_start, sample_window, window_span
 
 log = logging.getLogger(__name__)
@@ -58,7 +79,9 @@ def _is_remote(url: str) -> bool:
 def expand_shards(spec: str | Sequence[str], check_exists: bool = True) -> list[str]:
     """Turn a shard spec into a list of shard URLs.
 
-    Accepts a folder (every ``*.tar`` beneath it, sorted), a brace pattern
+    Accepts a folder (every ``*.tar`` beneath it, sorted, hidden folders such as an unfinished prep
+    run's ``.parts/`` skipped; so parts written by a ``genie prep videos --parts`` job array are read
+    together), a brace pattern
     (``data/shard-{000000..000009}.tar``), ``::``-separated lists, ``pipe:`` commands and other
     URLs (``s3://``, ``https://``, opened through webdataset), or a list of any of these.
 
@@ -73,7 +96,7 @@ def expand_shards(spec: str | Sequence[str], check_exists: bool = True) -> list[
         for url in expand_urls(str(s)):
             local = url[len("file://") :] if url.startswith("file://") else url
             if not _is_remote(url) and Path(local).is_dir():
-                found = sorted(str(p) for p in Path(local).rglob("*.tar"))
+                found = _tars_under(Path(local))
                 if not found:
                     raise DataError(f"shard folder {local} holds no .tar files; run `genie prep ...` first")
                 urls.extend(found)
@@ -84,6 +107,14 @@ def expand_shards(spec: str | Sequence[str], check_exists: bool = True) -> list[
     if not urls:
         raise DataError(f"no shards match {spec!r}")
     return urls
+
+
+def _tars_under(folder: Path) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, f) for f in files if f.endswith(".tar")]
+    return sorted(found)
 
 
 def consumer_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, int, int]:
@@ -142,11 +173,15 @@ class ClipStream(IterableDataset):
         train: True streams forever with random windows and shuffling; False reads every
             clip once with a deterministic window.
         shuffle_buffer: number of encoded samples to shuffle over (training only).
+        shuffle_bytes: and at most this many bytes of them (whole videos are MBs each).
         seed: base seed; each rank/worker/round derives its own from it.
         backend: decode backend (``auto``: decord, PyAV fallback).
         require_actions: skip (and count) clips without ``actions.npy`` instead of yielding
             batches without actions.
-        resolution: expected square frame size; clips of another size are skipped and counted.
+        resolution: square frame size. Our clips of another size are skipped and counted (unless
+            ``resize``); whole videos (video2dataset shards) are always resized and center-cropped
+            to it, and are skipped when it is None.
+        resize: also resize and center-crop our own clips of another size instead of skipping them.
         rank, world_size: override the distributed position (tests, custom launchers).
         max_clips: validation only: stop after this many clips per consumer.
 
@@ -173,6 +208,8 @@ class ClipStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         max_clips: int | None = None,
+        resize: bool = False,
+        shuffle_bytes: int = 256 << 20,
     ):
         super().__init__()
         self.urls = expand_shards(shards)
@@ -180,6 +217,8 @@ class ClipStream(IterableDataset):
         self.batch_size = batch_size
         self.train = train
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.shuffle_bytes = shuffle_bytes
+        self.resize = resize
         self.seed = seed
         self.backend: Backend = backend
         self.require_actions = require_actions
@@ -189,6 +228,8 @@ class ClipStream(IterableDataset):
         self.stats = StreamStats()
         if num_frames < 1 or frame_stride < 1 or batch_size < 1:
             raise DataError("num_frames, frame_stride and batch_size must all be >= 1")
+        if resize and resolution is None:
+            raise DataError("resize=True needs a resolution to resize to")
 
     # -- shards and raw samples -------------------------------------------------------------
 
@@ -218,14 +259,23 @@ class ClipStream(IterableDataset):
             yield from tarfile_samples([{"url": url}], handler=handler)
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Shuffle through a buffer of ``shuffle_buffer`` samples and at most ``shuffle_bytes`` bytes."""
         buf: list[dict[str, Any]] = []
+        held = 0
         for s in samples:
-            if len(buf) < self.shuffle_buffer:
+            n = _nbytes(s)
+            if len(buf) < self.shuffle_buffer and (held + n <= self.shuffle_bytes or not buf):
                 buf.append(s)
+                held += n
                 continue
             i = rng.randrange(len(buf))
             buf[i], s = s, buf[i]
+            held += n - _nbytes(s)
             yield s
+            while held > self.shuffle_bytes and len(buf) > 1:  # a big sample came in: let more out
+                s = buf.pop(rng.randrange(len(buf)))
+                held -= _nbytes(s)
+                yield s
         rng.shuffle(buf)
         yield from buf
 
@@ -234,45 +284,82 @@ class ClipStream(IterableDataset):
     def load_clip(self, sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
         """Decode one window of one raw sample. Raises on any problem with the sample."""
         key = sample.get("__key__", "?")
-        is_tokens = VIDEO_MEMBER not in sample and TOKENS_MEMBER in sample
-        if not is_tokens and VIDEO_MEMBER not in sample:
+        video = whole_video_member(sample)
+        is_tokens = video is None and TOKENS_MEMBER in sample
+        if not is_tokens and video is None:
             members = sorted(k for k in sample if not k.startswith("__"))
             raise DecodeError(f"no {VIDEO_MEMBER} or {TOKENS_MEMBER} member (has {members})")
         if META_MEMBER not in sample:
             raise DecodeError(f"no {META_MEMBER} member")
         try:
-            meta = ClipMeta.from_bytes(sample[META_MEMBER])
+            raw = load_meta_json(sample[META_MEMBER])
+        except ValueError as e:
+            raise DecodeError(f"bad json metadata: {e}") from e
+        if video is not None and not is_clip_meta(raw):
+            return self._load_whole_video(key, sample, video, raw, rng)
+        try:
+            meta = ClipMeta.from_dict(raw)
         except (ValueError, TypeError) as e:
             raise DecodeError(f"bad json metadata: {e}") from e
+        resized = False
         if self.resolution is not None and (meta.height, meta.width) != (self.resolution, self.resolution):
-            raise DecodeError(f"clip is {meta.width}x{meta.height}, expected {self.resolution}x{self.resolution}")
-        span = window_span(self.num_frames, self.frame_stride)
-        if meta.frames < span:
-            raise DecodeError(f"clip has {meta.frames} frames, window needs {span}")
-        if rng is None:
-            start = fixed_start(key, meta.frames, self.num_frames, self.frame_stride, self.seed)
-            idx = sample_window(meta.frames, self.num_frames, self.frame_stride, start=start)
-        else:
-            idx = sample_window(meta.frames, self.num_frames, self.frame_stride, rng=rng)
+            if not self.resize or is_tokens:
+                raise DecodeError(f"clip is {meta.width}x{meta.height}, expected {self.resolution}x{self.resolution}")
+            resized = True
+        idx = self._window(key, meta.frames, rng, "clip")
         out: dict[str, Any] = {"key": key, "start": int(idx[0])}
         if is_tokens:
             out.update(self._load_tokens(sample, meta, idx))
+        elif resized:
+            info = VideoInfo(frames=meta.frames, width=meta.width, height=meta.height, fps=meta.fps)
+            out["frames"] = decode_resized(sample[video], idx.tolist(), self.resolution, self.backend, info)
         else:
-            frames = decode_clip(sample[VIDEO_MEMBER], idx.tolist(), self.backend)
+            frames = decode_clip(sample[video], idx.tolist(), self.backend)
             if frames.shape[1:3] != (meta.height, meta.width):
                 raise DecodeError(
                     f"decoded {frames.shape[2]}x{frames.shape[1]}, metadata says {meta.width}x{meta.height}"
                 )
             out["frames"] = frames
+        return self._add_actions(out, sample, meta.frames, idx, "clip")
+
+    def _window(self, key: str, frames: int, rng: np.random.Generator | None, what: str) -> np.ndarray:
+        """The window's frame indices: random (training) or fixed per key (validation)."""
+        span = window_span(self.num_frames, self.frame_stride)
+        if frames < span:
+            raise DecodeError(f"{what} has {frames} frames, window needs {span}")
+        if rng is None:
+            start = fixed_start(key, frames, self.num_frames, self.frame_stride, self.seed)
+            return sample_window(frames, self.num_frames, self.frame_stride, start=start)
+        return sample_window(frames, self.num_frames, self.frame_stride, rng=rng)
+
+    def _add_actions(
+        self, out: dict[str, Any], sample: dict[str, Any], frames: int, idx: np.ndarray, what: str
+    ) -> dict[str, Any]:
         if ACTIONS_MEMBER in sample:
             actions = npy_load(sample[ACTIONS_MEMBER])
-            if actions.shape[0] != meta.frames - 1:
-                raise DecodeError(f"{ACTIONS_MEMBER} has {actions.shape[0]} rows, clip has {meta.frames} frames")
+            if actions.shape[0] != frames - 1:
+                raise DecodeError(f"{ACTIONS_MEMBER} has {actions.shape[0]} rows, {what} has {frames} frames")
             # the action taken at each kept frame except the last (exact for stride 1)
             out["actions"] = actions[idx[:-1]]
         elif self.require_actions:
             raise DecodeError(f"no {ACTIONS_MEMBER} (this run requires actions)")
         return out
+
+    def _load_whole_video(
+        self, key: str, sample: dict[str, Any], member: str, raw: dict[str, Any], rng: np.random.Generator | None
+    ) -> dict[str, Any]:
+        """One window of a whole video without our clip metadata (e.g. video2dataset's ``mp4`` + ``json``)."""
+        if self.resolution is None:
+            raise DecodeError("whole video (no clip metadata, e.g. video2dataset) needs a resolution to resize to")
+        status = raw.get("status")
+        if status is not None and status != "success":
+            raise DecodeError(f"video2dataset status {str(status)[:40]!r}")
+        data = sample[member]
+        info = probe_video(data)
+        idx = self._window(key, info.frames, rng, "video")
+        out = {"key": key, "start": int(idx[0])}
+        out["frames"] = decode_resized(data, idx.tolist(), self.resolution, self.backend, info)
+        return self._add_actions(out, sample, info.frames, idx, "video")
 
     @staticmethod
     def _load_tokens(sample: dict[str, Any], meta: ClipMeta, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -348,21 +435,46 @@ class ClipStream(IterableDataset):
             log.warning("validation reader %d skipped %d bad sample(s): %s", me, self.stats.skipped, self.stats.reasons)
 
 
+def _nbytes(sample: dict[str, Any]) -> int:
+    return sum(len(v) for v in sample.values() if isinstance(v, bytes | bytearray))
+
+
 def total_skipped(seen: dict[int, int], batch: dict[str, Any]) -> int:
     """Fold one batch's per-worker cumulative skip count into ``seen``; return the total so far."""
     seen[batch["worker"]] = max(seen.get(batch["worker"], 0), int(batch["skipped"]))
     return sum(seen.values())
 
 
+def whole_video_meta(key: str, raw: dict[str, Any], info: VideoInfo) -> ClipMeta:
+    """ClipMeta describing a whole video (``extra[WHOLE_VIDEO]`` set): what the checks before training need."""
+    return ClipMeta(
+        source=str(raw.get("url") or key),
+        fps=info.fps,
+        frames=info.frames,
+        width=info.width,
+        height=info.height,
+        video_id=key,
+        extra={WHOLE_VIDEO: True},
+    )
+
+
 def probe_meta(shards: str | Sequence[str]) -> ClipMeta:
-    """Metadata of the first readable clip of the first shard (to check resolution before training)."""
+    """Metadata of the first readable clip of the first shard (to check resolution before training).
+
+    For a shard of whole videos (video2dataset) it describes the first readable video, with
+    ``extra[WHOLE_VIDEO]`` set.
+    """
     from webdataset.tariterators import tarfile_samples
 
     urls = expand_shards(shards)
     for sample in tarfile_samples([{"url": urls[0]}], handler=lambda e: True):
         if META_MEMBER in sample:
             try:
-                return ClipMeta.from_bytes(sample[META_MEMBER])
-            except ValueError:
+                raw = load_meta_json(sample[META_MEMBER])
+                video = whole_video_member(sample)
+                if video is not None and not is_clip_meta(raw):
+                    return whole_video_meta(sample["__key__"], raw, probe_video(sample[video]))
+                return ClipMeta.from_dict(raw)
+            except (ValueError, DecodeError):
                 continue
     raise DataError(f"no readable clip metadata in {urls[0]}; is it a genie shard?")

@@ -243,3 +243,116 @@ def test_killed_prep_resumes_to_identical_shards(tmp_path):
     assert not parts.exists()
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (clean, killed))
     assert (s1["clips"], s1["shards"]) == (s2["clips"], s2["shards"])
+
+
+# -- split runs: --parts N --part i ------------------------------------------------------------------
+
+
+def _split_source(tmp_path: Path, n: int = 8) -> Path:
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    for i in range(n):
+        folder = src / "nested" if i % 3 == 0 else src
+        (folder / f"v{i}.mp4").write_bytes(encode_clip(_source_frames(20, 16, 20 + i), 10.0, lossless=True))
+    (src / "notes.txt").write_text("not a video")
+    return src
+
+
+def _split_args(src: Path, out: Path, *extra: str) -> list[str]:
+    common = ["--size", "16", "--fps", "0", "--clip-frames", "8", "--lossless", "--shard-size", "3"]
+    return ["prep", "videos", str(src), "--out", str(out), *common, "--workers", "0", *extra]
+
+
+def _clip_dict(out: Path, pattern: str = "*.tar") -> dict[str, dict[str, bytes]]:
+    clips = [s for p in sorted(out.glob(pattern)) for s in read_samples(p)]
+    found = dict(clips)
+    assert len(found) == len(clips)  # no key twice
+    return found
+
+
+def test_parts_are_disjoint_and_together_equal_one_unsplit_run(tmp_path):
+    from genie.data.loader import ClipStream
+
+    src = _split_source(tmp_path)
+    assert main(_split_args(src, tmp_path / "whole")) == 0
+    whole = _clip_dict(tmp_path / "whole")
+    assert len(whole) == 16  # 8 videos x 2 clips of 8 frames
+
+    out = tmp_path / "split"
+    for i in range(3):
+        assert main(_split_args(src, out, "--parts", "3", "--part", str(i))) == 0
+    per_part = [_clip_dict(out, f"shard-p000{i}-*.tar") for i in range(3)]
+    assert all(per_part)  # each part got some of the 8 files (a property of these names' hashes)
+    keys = [set(p) for p in per_part]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    # the union is exactly the unsplit run: same keys, same bytes (so the same frames)
+    assert _clip_dict(out) == whole
+    # a video is never split over parts
+    assert all(len({k.rpartition("_")[0] for k in p} & {k.rpartition("_")[0] for k in q}) == 0
+               for p in keys for q in keys if p is not q)  # fmt: skip
+    for i in range(3):
+        summary = json.loads((out / f"summary-p000{i}.json").read_text())
+        assert (summary["part"], summary["parts"], summary["clips"]) == (i, 3, len(per_part[i]))
+        assert summary["shards"] == sorted(p.name for p in out.glob(f"shard-p000{i}-*.tar"))
+        assert json.loads((out / f"prep_settings-p000{i}.json").read_text())["part"] == i
+    assert sum(len(json.loads((out / f"summary-p000{i}.json").read_text())["ignored"]) for i in range(3)) == 1
+    assert not (out / "summary.json").exists() and not list(out.glob(".parts*"))
+    # the loader's globbing reads every part's shards together
+    stream = ClipStream(str(out), num_frames=8, batch_size=5, train=False)
+    assert sorted(k for b in stream for k in b["keys"]) == sorted(whole)
+
+
+def test_parts_running_at_once_into_one_folder_do_not_clobber(tmp_path, capsys):
+    src = _split_source(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "import sys; from genie.cli import main; sys.exit(main(sys.argv[1:]))"]
+    procs = [
+        subprocess.Popen([*cmd, *_split_args(src, out, "--parts", "2", "--part", str(i))], stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+    assert main(_split_args(src, tmp_path / "whole")) == 0
+    assert _clip_dict(out) == _clip_dict(tmp_path / "whole")
+    names = sorted(p.name for p in out.iterdir())
+    assert "summary-p0000.json" in names and "summary-p0001.json" in names
+    assert "prep_settings-p0000.json" in names and "prep_settings-p0001.json" in names
+
+    before = _digest(out)
+    capsys.readouterr()
+    assert main(_split_args(src, out, "--parts", "2", "--part", "0")) == 0  # a rerun: nothing to do
+    captured = capsys.readouterr()
+    assert "already complete" in captured.out + captured.err
+    assert _digest(out) == before
+    # another run's parts in the same folder are refused: other settings, other --parts, unsplit
+    for extra in (["--parts", "2", "--part", "1", "--crf", "20"], ["--parts", "3", "--part", "2"], []):
+        assert main(_split_args(src, out, *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "other settings" in err
+    assert _digest(out) == before
+    # --overwrite of one part replaces only that part's files
+    part1_videos = {k.rpartition("_")[0] for k in _clip_dict(out, "shard-p0001-*.tar")}
+    assert main(_split_args(src, out, "--parts", "2", "--part", "1", "--max-clips", "1", "--overwrite")) == 0
+    after = _digest(out)
+    assert {k: v for k, v in after.items() if "-p0000-" in k} == {k: v for k, v in before.items() if "-p0000-" in k}
+    assert set(_clip_dict(out, "shard-p0001-*.tar")) == {f"{v}_000000" for v in part1_videos}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--parts", "0"], "--parts must be >= 1"),
+        (["--parts", "4"], "needs --part"),
+        (["--parts", "4", "--part", "4"], "outside 0..3"),
+        (["--parts", "4", "--part", "-1"], "outside 0..3"),
+        (["--part", "2"], "needs --parts"),
+    ],
+)
+def test_bad_parts_values_are_one_line_errors(tmp_path, capsys, extra, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    assert main(_split_args(src, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -8,6 +8,10 @@ trainer. Defaults every stage gets:
 - gradient clipping at norm 1.0, training by ``max_steps``;
 - a checkpoint every ``--checkpoint_every`` steps plus ``last.ckpt`` in ``<root>/checkpoints``,
   so ``--ckpt_path last`` resumes;
+- a non-finite loss or gradient is never applied: the step is skipped and counted (``--nonfinite skip``,
+  stopping after ``--max_nonfinite_skips`` in a row) or the run stops (``--nonfinite stop``);
+- any ``trainer.strategy`` (DDP by default on several devices, FSDP in the large configs; FSDP needs CUDA,
+  so on CPU those configs run unsharded); ``--gradient_checkpointing`` recomputes block activations;
 - the wandb logger, offline unless you are logged in (``WANDB_MODE`` / ``WANDB_API_KEY``);
 - the data checked against the model before the first step (resolution, clip length, paths);
 - at the end, the model exported in the Hugging Face layout to ``<root>/export``.
@@ -15,19 +19,22 @@ trainer. Defaults every stage gets:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from genie.data.datamodule import VideoDataModule
-from genie.stages.base import StageModule
+from genie.stages.base import NonFiniteError, StageModule, stage_from_state
 
 
 class ConfigError(ValueError):
@@ -42,17 +49,96 @@ def wandb_logged_in() -> bool:
 
 
 class ExportOnFitEnd(Callback):
-    """Write the trained model (HF layout) when fitting ends; rank zero only."""
+    """Write the trained model (HF layout) when fitting ends, with ``training.json`` (the steps it trained, the
+    wall-clock seconds of this run, the last training loss); rank zero writes, under FSDP after every rank has
+    helped gather the weights."""
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
+        self.started: float | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = time.monotonic()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero or not isinstance(pl_module, StageModule):
+        if not isinstance(pl_module, StageModule):
+            return
+        stage = whole_stage(trainer, pl_module)  # every rank must get here: under FSDP it is a collective
+        if stage is None or not trainer.is_global_zero:
             return
         path = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
-        pl_module.export(path)
-        rank_zero_info(f"exported {type(pl_module.net).__name__} to {path}")
+        stage.export(path)
+        loss = trainer.callback_metrics.get("train/loss")
+        record = {
+            "global_step": trainer.global_step,
+            "train_seconds": None if self.started is None else round(time.monotonic() - self.started, 2),
+            "last_train_loss": None if loss is None else float(loss),
+            "max_steps": trainer.max_steps,
+        }
+        (path / "training.json").write_text(json.dumps(record, indent=1))
+        what = "world bundle" if (path / "world.json").is_file() else type(pl_module.net).__name__
+        rank_zero_info(f"exported {what} to {path}")
+
+
+def whole_stage(trainer: Trainer, pl_module: StageModule) -> StageModule | None:
+    """The stage with all of its weights, for export: ``pl_module`` itself, or under FSDP a copy rebuilt on rank
+    zero from the gathered full state dict (None on the other ranks).
+
+    Under FSDP every rank holds only a shard of each parameter, and the model's submodules are wrapped, so
+    ``save_pretrained`` on the live module would write shards (or hang in a collective on rank zero alone).
+    All ranks must call this: gathering the state dict is a collective.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, FSDPStrategy) or strategy.model is None:
+        return pl_module
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # offloading to the CPU is what keeps a big model off the GPU, but on CPU ranks it would free the very
+    # storage the gathered tensors live in
+    full = FullStateDictConfig(offload_to_cpu=strategy.root_device.type != "cpu", rank0_only=True)
+    with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, full):
+        state = strategy.model.state_dict()
+    if not trainer.is_global_zero:
+        return None
+    return stage_from_state(dict(pl_module.hparams), {k: v.cpu() for k, v in state.items()})
+
+
+def newest_checkpoint(paths: list[Path]) -> Path | None:
+    """The checkpoint file of the highest step among ``paths`` (``last.ckpt`` on a tie); unreadable ones are skipped.
+
+    What ``--ckpt_path last`` resumes from. Lightning's own "last" is the newest file named ``*last*``, but the
+    periodic checkpoint is written first and ``last.ckpt`` right after it: a run killed in between would resume a
+    whole checkpoint interval back, or start over if it had no ``last.ckpt`` yet. Reading a checkpoint's step is
+    cheap: the file is memory-mapped, its tensors are never read.
+    """
+    best: tuple[tuple[int, bool], Path] | None = None
+    for path in sorted(paths):
+        if not path.is_file():
+            continue  # a sharded (FSDP) checkpoint folder: left to Lightning
+        try:
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        except Exception as e:  # truncated or foreign: resuming from it would fail, an older one will not
+            rank_zero_warn(f"ignoring unreadable checkpoint {path}: {type(e).__name__}: {e}")
+            continue
+        key = (step, path.name == "last.ckpt")
+        if best is None or key > best[0]:
+            best = (key, path)
+    return None if best is None else best[1]
+
+
+def _strategy_name(strategy: Any) -> str:
+    """A ``trainer.strategy`` config value (a name, a class_path mapping or an instance) as a lower-case name."""
+    if isinstance(strategy, str):
+        return strategy.lower()
+    if hasattr(strategy, "get") and strategy.get("class_path"):
+        return str(strategy.get("class_path")).rsplit(".", 1)[-1].lower()
+    return type(strategy).__name__.lower() if strategy is not None else ""
+
+
+def _strategy_init_args(strategy: Any) -> dict[str, Any]:
+    args = strategy.get("init_args") if hasattr(strategy, "get") else None
+    return dict(args or {})
 
 
 class GenieCLI(LightningCLI):
@@ -63,6 +149,33 @@ class GenieCLI(LightningCLI):
         parser.add_argument(
             "--export_dir", type=str | None, default=None, help="where to export the model (default <root>/export)"
         )
+        parser.add_argument(
+            "--nonfinite",
+            type=Literal["skip", "stop"],
+            default="skip",
+            help="a step whose loss or gradients are not finite: skip it (no update) or stop the run",
+        )
+        parser.add_argument(
+            "--max_nonfinite_skips",
+            type=int,
+            default=10,
+            help="with --nonfinite skip: stop after more than this many skipped steps in a row",
+        )
+        parser.add_argument(
+            "--gradient_checkpointing",
+            type=bool,
+            default=False,
+            help="recompute each ST block's activations in backward (less memory, ~1/3 more compute); "
+            "under FSDP use the strategy's activation_checkpointing_policy instead",
+        )
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        # the arguments come from `args`; LightningCLI warns when sys.argv holds them too (it does, see `fit`)
+        saved, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = saved
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -71,6 +184,7 @@ class GenieCLI(LightningCLI):
             trainer["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
         if not trainer.get("max_steps") or trainer["max_steps"] < 0:
             raise ConfigError("set trainer.max_steps: stages train by steps over endless shard streams")
+        self.check_strategy(cfg)
         if trainer.get("logger") is None or trainer.get("logger") is True:
             if not wandb_logged_in():
                 os.environ.setdefault("WANDB_MODE", "offline")
@@ -105,7 +219,56 @@ class GenieCLI(LightningCLI):
             trainer.callbacks.append(ExportOnFitEnd(cfg.get("export_dir")))
         if trainer.loggers and not any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if cfg.get("ckpt_path") == "last":
+            # ours, and the one Lightning writes on SLURM's pre-emption signal before requeueing the job
+            newest = newest_checkpoint([*(root / "checkpoints").glob("*.ckpt"), *root.glob("hpc_ckpt_*.ckpt")])
+            if newest is not None:
+                self.config_init[self.subcommand]["ckpt_path"] = str(newest)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            self.check_fsdp_model()
+        if isinstance(self.model, StageModule):
+            self.model.nonfinite = cfg["nonfinite"]
+            self.model.max_nonfinite_skips = cfg["max_nonfinite_skips"]
+            if cfg["gradient_checkpointing"]:
+                self.model.set_gradient_checkpointing(True)
         self.check_data()
+
+    def check_strategy(self, cfg: Any) -> None:
+        """FSDP only where it can run, and one kind of activation checkpointing.
+
+        Lightning refuses FSDP without CUDA; the large configs name it, and on a CPU (tests, a quick look) they
+        run unsharded instead of failing. Checkpointing a block both ways would recompute it twice.
+        """
+        trainer = cfg["trainer"]
+        strategy = trainer.get("strategy")
+        if not _strategy_name(strategy).startswith("fsdp"):
+            return
+        accelerator = str(trainer.get("accelerator") or "auto")
+        if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+            rank_zero_warn("FSDP needs CUDA devices (Lightning refuses it on CPU): training unsharded instead")
+            trainer["strategy"] = "auto"
+            return
+        if cfg["gradient_checkpointing"] and _strategy_init_args(strategy).get("activation_checkpointing_policy"):
+            raise ConfigError(
+                "--gradient_checkpointing and the FSDP strategy's activation_checkpointing_policy both checkpoint "
+                "the blocks: keep one (under FSDP, the policy)"
+            )
+
+    def check_fsdp_model(self) -> None:
+        """Refuse what FSDP cannot train, before any step.
+
+        Dead-code restarts (genie/models/quantizer.py) overwrite codebook rows inside the forward pass; under
+        FSDP the codebook is then a view of a gathered, temporary flat parameter, and autograd stops the run at
+        the first restart (reproduced on CPU with gloo).
+        """
+        from genie.models.quantizer import VectorQuantizer
+
+        if any(isinstance(m, VectorQuantizer) and m.dead_code_threshold > 0 for m in self.model.modules()):
+            raise ConfigError(
+                "FSDP cannot train a quantizer with dead-code restarts (they rewrite the codebook inside forward): "
+                "use --trainer.strategy=ddp (with --gradient_checkpointing true for memory) or set "
+                "model.init_args.model.dead_code_threshold=0"
+            )
 
     def check_data(self) -> None:
         """Fail before the first step, with one line, if the data cannot feed this model."""
@@ -175,7 +338,9 @@ def fit(argv: list[str]) -> int:
     from genie.data.loader import DataError
 
     saved_argv = sys.argv
-    sys.argv = saved_argv[:1]  # the arguments come from `argv`; LightningCLI warns when both are set
+    # Lightning's own launcher (devices > 1 without torchrun/SLURM) starts the other ranks by re-running this
+    # process's command line: it must be this `genie fit` command, not an empty one
+    sys.argv = [saved_argv[0], "fit", *argv]
     no_exit = {"exit_on_error": False}
     try:
         GenieCLI(
@@ -193,6 +358,9 @@ def fit(argv: list[str]) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:
         # a stage's own check failing while jsonargparse instantiates it arrives wrapped in a union report
         reason = stage_error_line(str(e))

@@ -2,24 +2,37 @@
 
 A stage is a :class:`StageModule` subclass that owns one HF-layout model (``self.net``) and
 implements ``training_step`` / ``validation_step`` over the loader's batches. Everything else
-(AdamW with warmup + cosine decay, skipped-sample accounting, checkpoints that load with
-``weights_only=True``, export to ``config.json`` + ``model.safetensors``) lives here once.
+(AdamW with warmup + cosine decay, gradient clipping that also works under FSDP, the non-finite
+loss guard, skipped-sample accounting, checkpoints that load with ``weights_only=True``, export to
+``config.json`` + ``model.safetensors``) lives here once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import nn
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor, nn
 
 from genie.data.loader import total_skipped
+from genie.models.blocks import STTransformer
 from genie.models.hub import GeniePreTrainedModel, model_fields
+
+log = logging.getLogger(__name__)
+
+NonFinitePolicy = Literal["skip", "stop"]
+
+# what FSDP (and its activation checkpointing) put into parameter names; stripped to get the model's own names
+_WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 
 
 @dataclass
@@ -38,6 +51,13 @@ class OptimConfig:
     """Cosine decay ends at ``lr * min_lr_ratio`` at ``trainer.max_steps``."""
     fused: bool | None = None
     """Fused AdamW kernel; None: on when training on CUDA."""
+    budget_seconds: float | None = None
+    """Decay by wall clock instead of steps: the cosine reaches its end after this many seconds of training
+    (``genie speedrun`` sets it with ``trainer.max_time``, so a stage stops by time with its schedule done)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient and the non-finite policy says stop (reported as one line)."""
 
 
 def as_config(value: Any, cls: type) -> Any:
@@ -69,20 +89,55 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class TimeSchedule:
+    """LR multiplier with linear warmup over steps, then cosine decay over wall-clock seconds.
+
+    The clock starts at the first call (the first optimizer step). Picklable (a plain object, no lambda).
+    """
+
+    def __init__(self, warmup_steps: int, budget_seconds: float, min_ratio: float):
+        self.warmup_steps, self.budget_seconds, self.min_ratio = warmup_steps, budget_seconds, min_ratio
+        self.start: float | None = None
+
+    def __call__(self, step: int) -> float:
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        if step < self.warmup_steps:
+            return (step + 1) / max(1, self.warmup_steps)
+        progress = min(1.0, (now - self.start) / self.budget_seconds)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class StageModule(L.LightningModule):
     """Base LightningModule of every stage.
 
     Subclasses build ``self.net`` (a :class:`GeniePreTrainedModel`) in ``__init__`` after calling
     ``super().__init__(optim)`` and store their hyper-parameters with :meth:`save_plain_hparams`.
+
+    Non-finite steps: before every optimizer step the loss (all ranks) and the gradient norm are checked.
+    A non-finite one is never applied: with ``nonfinite="skip"`` the gradients are dropped (no weight update,
+    no optimizer state change; the LR schedule and ``global_step`` still advance, the batch counts as seen),
+    the skip is counted and logged as ``train/nonfinite_skipped``, and more than ``max_nonfinite_skips`` in
+    a row stop the run; with ``"stop"`` the first one stops it. Stopping raises :class:`NonFiniteError`.
+    ``genie fit`` sets both from ``--nonfinite`` / ``--max_nonfinite_skips``.
     """
 
     net: GeniePreTrainedModel
     config_class: type  # the model's config class (its fields are the stage's `model` argument)
+    nonfinite: NonFinitePolicy = "skip"
+    max_nonfinite_skips: int = 10  # consecutive skips tolerated before the run stops
 
     def __init__(self, optim: OptimConfig | dict | None = None):
         super().__init__()
         self.optim = as_config(optim or OptimConfig(), OptimConfig)
         self._skipped_seen: dict[int, int] = {}
+        self.nonfinite_skipped = 0  # steps skipped so far (kept in checkpoints)
+        self.nonfinite_steps: list[int] = []  # the first few of them, for the end-of-run report
+        self._nonfinite_in_a_row = 0
+        self._loss_nonfinite: Tensor | None = None  # set by each backward, consumed by the step's check
+        self.last_grad_norm: Tensor | None = None  # global, before clipping (logged as train/grad_norm)
+        self._param_ndim: dict[str, int] = {}
 
     # -- hyper-parameters and data ------------------------------------------------------------
 
@@ -111,6 +166,25 @@ class StageModule(L.LightningModule):
             skipped = total_skipped(self._skipped_seen, batch)
             self.log("data/skipped", float(skipped), on_step=True, on_epoch=False)
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each ST block's activations in backward instead of storing them (all of the stage's stacks).
+
+        Trades about a third more compute for activation memory that no longer grows with depth. Under FSDP
+        use the strategy's ``activation_checkpointing_policy`` instead (the large configs do), not both.
+        """
+        for module in self.modules():
+            if isinstance(module, STTransformer):
+                module.gradient_checkpointing = enabled
+
+    def setup(self, stage: str) -> None:
+        # Parameter shapes as built: FSDP (use_orig_params) later turns every parameter into a flat 1-D view of
+        # its shard, and configure_optimizers needs the true number of dimensions to pick weight decay.
+        self._param_ndim = {_clean_name(n): p.ndim for n, p in self.named_parameters()}
+
+    def on_fit_start(self) -> None:
+        # subnormal floats are 10-100x slower on CPUs, and real frames produce them (see genie.cli.flush_denormals)
+        torch.set_flush_denormal(True)
+
     def on_train_start(self) -> None:
         # Lightning keeps each submodule's train/eval mode as it finds it, and models come out of
         # from_pretrained (or an evaluation) in eval mode: without this, training-only behaviour such as
@@ -124,8 +198,10 @@ class StageModule(L.LightningModule):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
+            name = _clean_name(name)
             # matrices get weight decay; norms, biases, embeddings and codebooks do not
-            is_matrix = p.ndim >= 2 and "embed" not in name and "codebook" not in name
+            ndim = self._param_ndim.get(name, p.ndim)
+            is_matrix = ndim >= 2 and "embed" not in name and "codebook" not in name
             (decay if is_matrix else no_decay).append(p)
         fused = self.optim.fused
         if fused is None:
@@ -140,25 +216,119 @@ class StageModule(L.LightningModule):
         if total <= 0:
             raise ValueError("set trainer.max_steps: stages train by steps over endless shard streams")
         warm, min_ratio = self.optim.warmup_steps, self.optim.min_lr_ratio
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warm, total, min_ratio))
+        if self.optim.budget_seconds:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, TimeSchedule(warm, self.optim.budget_seconds, min_ratio))
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warm, total, min_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        # remembered, not checked: the check waits for the gradients so that one host sync covers both
+        bad = ~torch.isfinite(loss.detach())
+        self._loss_nonfinite = bad if self._loss_nonfinite is None else self._loss_nonfinite | bad
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
     ) -> None:
-        # Lightning refuses to clip for optimizers that unscale internally (fused AdamW) under any mixed
-        # precision, but bf16 and fp32 have no gradient scaler: the gradients are already true, so clip them
-        # directly (found on an H200: `genie fit` with the fused default stopped at the first step).
-        if not gradient_clip_val:
-            return
-        if str(self.trainer.precision).startswith("16"):  # fp16 has a scaler: let Lightning unscale first
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
+        """Clip the gradients and drop them if the loss or their norm is not finite (see the class docstring).
+
+        Lightning calls this after backward and right before ``optimizer.step()``, whatever the precision,
+        so it is the one place to clip and to veto a step. Three ways to the global gradient norm:
+
+        - FSDP: each rank holds a shard of the gradients, so ``torch.nn.utils.clip_grad_norm_`` would clip each
+          shard by its own norm (and Lightning's FSDP precision plugin refuses norm clipping outright); the root
+          module's ``FSDP.clip_grad_norm_`` all-reduces the shards' norms first;
+        - fp16 mixed precision has a gradient scaler: Lightning has already unscaled the gradients and clips
+          them; overflowing gradients are then the scaler's business (it skips the step and lowers the scale,
+          which is routine, not divergence), so only the loss is checked;
+        - otherwise (fp32, bf16) the gradients are true and are clipped here directly: Lightning refuses to
+          clip for optimizers that unscale internally (fused AdamW) under any mixed precision, but bf16 has no
+          scaler (found on an H200: `genie fit` with the fused default stopped at the first step).
+        """
+        by_norm = gradient_clip_algorithm in (None, "norm")
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if gradient_clip_algorithm in (None, "norm"):
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        grad_norm: Tensor | None = None
+        fsdp_root = self.trainer.strategy.model if isinstance(self.trainer.strategy, FSDPStrategy) else None
+        if fsdp_root is not None:
+            # max_norm=inf only measures (the clip coefficient is then 1): value clipping still needs the norm
+            grad_norm = fsdp_root.clip_grad_norm_(gradient_clip_val if gradient_clip_val and by_norm else math.inf)
+            if gradient_clip_val and not by_norm:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)  # element-wise: shards are fine
+            if str(self.trainer.precision).startswith("16"):
+                grad_norm = None
+        elif str(self.trainer.precision).startswith("16"):  # fp16 has a scaler: let Lightning clip
+            if gradient_clip_val:
+                super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif gradient_clip_val and by_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
         else:
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if gradient_clip_val:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        self.check_finite_step(optimizer, grad_norm)
+
+    def check_finite_step(self, optimizer: torch.optim.Optimizer, grad_norm: Tensor | None) -> bool:
+        """Veto the coming optimizer step if this step's loss (on any rank) or gradient norm is not finite.
+
+        All ranks reach the same verdict (the flag is summed over ranks; under DDP the gradients are already
+        identical, under FSDP ``grad_norm`` is already global), so they all skip or all step together and the
+        replicas never diverge. Costs one host sync per step, plus one tiny all-reduce when distributed.
+
+        Returns:
+            True if the step goes ahead.
+        """
+        if grad_norm is not None:
+            self.last_grad_norm = grad_norm.detach()
+            self.log("train/grad_norm", self.last_grad_norm, on_step=True, on_epoch=False)
+        flag = torch.zeros((), device=self.device)
+        if self._loss_nonfinite is not None:
+            flag += self._loss_nonfinite.to(flag.device).float()
+        if grad_norm is not None:
+            flag += (~torch.isfinite(grad_norm)).to(flag.device).float()
+        self._loss_nonfinite = None
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        ok = flag.item() == 0
+        if ok:
+            self._nonfinite_in_a_row = 0
+        else:
+            optimizer.zero_grad(set_to_none=True)  # an optimizer ignores parameters without gradients entirely
+            self.nonfinite_skipped += 1
+            self._nonfinite_in_a_row += 1
+            if len(self.nonfinite_steps) < 100:
+                self.nonfinite_steps.append(self.trainer.global_step)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
+        if ok:
+            return True
+        norm = "n/a" if grad_norm is None else f"{float(grad_norm):.4g}"
+        what = f"non-finite loss or gradients at step {self.trainer.global_step} (gradient norm {norm})"
+        if self.nonfinite == "stop":
+            raise NonFiniteError(f"{what}: stopped before updating the weights (--nonfinite stop)")
+        if self._nonfinite_in_a_row > self.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"{what}: {self._nonfinite_in_a_row} non-finite steps in a row, more than --max_nonfinite_skips="
+                f"{self.max_nonfinite_skips}; stopped (lower the learning rate or check the data)"
+            )
+        if self.trainer.is_global_zero:
+            log.warning("%s: step skipped, weights unchanged (%d skipped so far)", what, self.nonfinite_skipped)
+        return False
+
+    def on_train_end(self) -> None:
+        if self.nonfinite_skipped and self.trainer.is_global_zero:
+            steps = ", ".join(map(str, self.nonfinite_steps)) + (", ..." if self.nonfinite_skipped > 100 else "")
+            log.warning(
+                "%d training step(s) skipped for a non-finite loss or gradients (steps %s)",
+                self.nonfinite_skipped,
+                steps,
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite"] = {"skipped": self.nonfinite_skipped, "steps": list(self.nonfinite_steps)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("nonfinite") or {}
+        self.nonfinite_skipped = int(state.get("skipped", 0))
+        self.nonfinite_steps = [int(s) for s in state.get("steps", [])]
 
     # -- export -------------------------------------------------------------------------------
 
@@ -177,21 +347,33 @@ class StageModule(L.LightningModule):
         return sum(p.numel() for p in module.parameters())
 
 
+def _clean_name(name: str) -> str:
+    """A parameter's name without the FSDP / activation-checkpointing wrapper levels."""
+    return _WRAPPER_PREFIXES.sub("", name)
+
+
+def stage_from_state(hparams: dict[str, Any], state_dict: dict[str, Tensor]) -> StageModule:
+    """Rebuild a stage from its plain hyper-parameters (``stage`` names the class) and a full state dict."""
+    import importlib
+
+    hp = dict(hparams)
+    stage = hp.pop("stage", None)
+    if not stage:
+        raise ValueError("not a genie stage (no 'stage' in its hyper-parameters)")
+    module_name, _, cls_name = stage.rpartition(".")
+    module = getattr(importlib.import_module(module_name), cls_name)(**hp)
+    module.load_state_dict(state_dict)
+    return module
+
+
 def load_stage_checkpoint(path: str | Path, map_location: str = "cpu") -> StageModule:
     """Rebuild a stage from a Lightning checkpoint of ours, without unpickling anything.
 
     The checkpoint must have been written by a :class:`StageModule` (its hyper-parameters name the
     stage class and hold its configs as plain data).
     """
-    import importlib
-
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     hp = dict(ckpt.get("hyper_parameters") or {})
-    stage = hp.pop("stage", None)
-    if not stage:
+    if not hp.get("stage"):
         raise ValueError(f"{path} is not a genie stage checkpoint (no 'stage' in its hyper-parameters)")
-    module_name, _, cls_name = stage.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    module = cls(**hp)
-    module.load_state_dict(ckpt["state_dict"])
-    return module
+    return stage_from_state(hp, ckpt["state_dict"])

@@ -1,0 +1,283 @@
+"""``genie speedrun --budget-minutes M``: a controllable CoinRun world, trained and measured within a time budget.
+
+1. **Data** (not counted in the budget, timed on its own): CoinRun shards from ``genie prep coinrun`` with
+   every core (``--workers``), cached in ``--data``: a second run with the same settings reuses them (the
+   prep is resumable and checks its settings), so only the first run pays for them. Validation episodes
+   play levels that training never sees.
+2. **Training**: the tokenizer, the LAM and the dynamics model, one after another, each an ordinary
+   ``genie fit`` of ``configs/speedrun/<preset>/<stage>.yaml`` stopped by wall clock
+   (``trainer.max_time`` = its share of the budget) with the learning rate's cosine decayed over that same
+   time (``optim.budget_seconds``), so a stage ends with its schedule done whatever its step rate. The
+   dynamics model's codebook size, token grid and number of actions are taken from the exported tokenizer
+   and LAM; it reads the video shards and tokenizes them on the fly.
+3. **World and evaluation** on the held-out levels: tokenizer PSNR/SSIM, LAM code usage and NMI with the
+   true actions, rollout PSNR/SSIM at t = 1..16 from one prompt frame with the LAM's inferred actions,
+   ΔtPSNR at t = 4, and the "10 frames from 1" means that Genie-style papers report.
+
+Writes ``OUT/speedrun.json`` (every number, the per-stage steps and seconds, the settings) and
+``OUT/speedrun.png`` (reconstructions, a rollout next to the real clip, PSNR per step). Presets: ``gpu``
+(bf16-mixed, 25 MaskGIT steps, as Genie) when CUDA is available, else ``cpu`` (small models, 8 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("tokenizer", "lam", "dynamics")
+DEFAULT_SHARES = (0.35, 0.2, 0.45)  # the dynamics model needs the longest: it learns from the other two
+CLIP_FRAMES = 20  # held-out clips need 1 prompt frame + 16 to predict
+HORIZON = 16
+PRESETS: dict[str, dict[str, Any]] = {
+    # episodes: training episodes of CoinRun (val: a tenth, at least 16); eval_clips: held-out clips scored
+    "cpu": dict(episodes=96, max_episode_frames=100, precision="32-true", sampler_steps=8, eval_clips=32),
+    "gpu": dict(episodes=2000, max_episode_frames=200, precision="bf16-mixed", sampler_steps=25, eval_clips=256),
+}
+
+
+class SpeedrunError(RuntimeError):
+    """A step of the speedrun failed (its own error was printed above)."""
+
+
+def hms(seconds: float) -> str:
+    """Seconds -> Lightning's ``DD:HH:MM:SS`` for ``trainer.max_time`` (whole seconds, at least 1)."""
+    s = max(1, int(seconds))
+    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def parse_shares(text: str) -> tuple[float, float, float]:
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--shares must be 3 numbers like 0.35,0.2,0.45, got {text!r}") from None
+    if len(shares) != 3 or min(shares) <= 0:
+        raise ValueError(f"--shares must be 3 positive numbers (tokenizer,lam,dynamics), got {text!r}")
+    total = sum(shares)
+    return tuple(x / total for x in shares)  # type: ignore[return-value]
+
+
+def run_genie(argv: list[str], what: str) -> None:
+    from genie.cli import main
+
+    print(f"\n[speedrun] {what}: genie {' '.join(argv)}", flush=True)
+    code = main(argv)
+    if code != 0:
+        raise SpeedrunError(f"speedrun step '{what}' failed (exit {code}); rerun it alone with the command above")
+
+
+def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, Any]:
+    """CoinRun shards in ``args.data`` (reused when already made with these settings); returns timing."""
+    episodes = args.episodes or preset["episodes"]
+    val = max(16, episodes // 10)
+    workers = os.cpu_count() or 1
+    argv = ["prep", "coinrun", "--out", str(args.data), "--episodes", str(episodes), "--val-episodes", str(val)]
+    argv += ["--clip-frames", str(CLIP_FRAMES), "--max-episode-frames", str(preset["max_episode_frames"])]
+    argv += ["--seed", str(args.seed), "--workers", str(workers if workers > 1 else 0)]
+    stamps = [args.data / split / "summary.json" for split in ("train", "val")]
+    before = [p.stat().st_mtime_ns if p.is_file() else None for p in stamps]
+    t0 = time.monotonic()
+    run_genie(argv, "data")
+    seconds = time.monotonic() - t0
+    reused = before == [p.stat().st_mtime_ns for p in stamps]  # nothing rewritten: the cache was complete
+    summary = json.loads(stamps[0].read_text())
+    return {
+        "seconds": round(seconds, 1),
+        "reused": reused,
+        "episodes": episodes,
+        "val_episodes": val,
+        "clips": summary.get("clips"),
+    }
+
+
+def fit_stage(
+    stage: str, args: argparse.Namespace, preset: dict[str, Any], seconds: float, extra: list[str]
+) -> dict[str, Any]:
+    """One ``genie fit`` stopped after ``seconds`` of wall clock; returns what it did (training.json)."""
+    out = args.out / stage
+    config = ROOT / "configs" / "speedrun" / args.preset / f"{stage}.yaml"
+    argv = ["fit", "--config", str(config), f"--data.train_shards={args.data / 'train'}"]
+    argv += [f"--data.val_shards={args.data / 'val'}", f"--trainer.default_root_dir={out}", "--trainer.logger=false"]
+    argv += [f"--trainer.max_time={hms(seconds)}", f"--model.init_args.optim.budget_seconds={seconds:.1f}"]
+    argv += [f"--trainer.precision={preset['precision']}", f"--seed_everything={args.seed}"]
+    argv += ["--trainer.enable_model_summary=false", *extra]
+    t0 = time.monotonic()
+    run_genie(argv, stage)
+    record = json.loads((out / "export" / "training.json").read_text())
+    record.update(budget_seconds=round(seconds, 1), wall_seconds=round(time.monotonic() - t0, 1))
+    return record
+
+
+def frozen_overrides(out: Path) -> list[str]:
+    """The dynamics stage's settings that must match the exported tokenizer and LAM."""
+    tok = json.loads((out / "tokenizer" / "export" / "config.json").read_text())
+    lam = json.loads((out / "lam" / "export" / "config.json").read_text())
+    grid = tok["image_size"] // tok["patch_size"]
+    return [
+        f"--model.init_args.tokenizer={out / 'tokenizer' / 'export'}",
+        f"--model.init_args.lam={out / 'lam' / 'export'}",
+        f"--model.init_args.model.num_codes={tok['num_codes']}",
+        f"--model.init_args.model.grid_size={grid}",
+        f"--model.init_args.model.num_actions={lam['num_actions']}",
+    ]
+
+
+def evaluate(args: argparse.Namespace, preset: dict[str, Any], device: Any) -> tuple[dict[str, Any], Any]:
+    """Every metric on the held-out levels; returns (metrics, world)."""
+    from genie.eval.lam import evaluate_lam
+    from genie.eval.tokenizer import evaluate_tokenizer
+    from genie.eval.world import evaluate_world
+    from genie.models.sampler import SamplerConfig
+    from genie.world import World
+
+    val = str(args.data / "val")
+    clips = preset["eval_clips"]
+    world = World.from_pretrained(args.out / "world", device=device, seed=args.seed)
+    world.sampler_config = SamplerConfig(steps=preset["sampler_steps"])
+    frames = min(world.tokenizer.config.num_frames, CLIP_FRAMES)
+    tok, _ = evaluate_tokenizer(world.tokenizer, val, num_frames=frames, max_clips=clips, device=device)
+    lam_frames = min(world.lam.config.num_frames, CLIP_FRAMES)
+    lam = evaluate_lam(world.lam, val, num_frames=lam_frames, max_clips=clips, device=device)
+    wld = evaluate_world(world, val, context=1, horizon=HORIZON, max_clips=clips, seed=args.seed)
+    ten = slice(0, 10)
+    metrics = {
+        "tokenizer_psnr": tok["psnr"],
+        "tokenizer_ssim": tok["ssim"],
+        "tokenizer_codebook_usage": tok["usage"],
+        "lam_codes_used": lam["codes_used"],
+        "lam_code_usage_histogram": lam["usage_histogram"],
+        "lam_nmi": lam.get("nmi"),
+        "rollout_psnr_per_step": wld["psnr_per_step"],
+        "rollout_ssim_per_step": wld["ssim_per_step"],
+        "rollout_psnr_10_from_1": float(np.mean(wld["psnr_per_step"][ten])),  # Genie-style: 10 frames from 1
+        "rollout_ssim_10_from_1": float(np.mean(wld["ssim_per_step"][ten])),
+        "random_actions_psnr_per_step": wld["psnr_random_per_step"],
+        "copy_psnr_per_step": wld["copy_psnr_per_step"],
+        "delta_psnr_t4": wld["delta_psnr_t4"],
+        "teacher_forced_token_accuracy": wld["teacher_forced_token_accuracy"],
+        "eval_clips": wld["clips"],
+        "sampler_steps": preset["sampler_steps"],
+    }
+    return metrics, world
+
+
+def summary_png(world: Any, args: argparse.Namespace, metrics: dict[str, Any], path: Path) -> Path:
+    """Reconstructions, a rollout next to the real clip, and PSNR per step, in one picture."""
+    from genie.data.loader import ClipStream
+    from genie.eval.common import save_figure
+    from genie.stages.media import frame_grid, to_uint8
+
+    batch = next(iter(ClipStream(str(args.data / "val"), num_frames=HORIZON + 1, batch_size=2, train=False)))
+    real = batch["frames"].to(world.device)  # (2, 17, H, W, 3)
+    n = min(8, world.tokenizer.config.num_frames)
+    recon = to_uint8(world.tokenizer.decode(world.tokenizer.encode(real[:, :n])))
+    actions = world.lam.infer_actions(real)
+    world.seed(args.seed)
+    rollout = world.rollout(real[:1, :1], actions[:1])  # (1, 16, H, W, 3)
+    real_np = real.cpu().numpy()
+    recon_rows = frame_grid(np.stack([real_np[0, :n], recon[0], real_np[1, :n], recon[1]]))
+    roll_rows = frame_grid(np.stack([real_np[0, 1 : 1 + HORIZON : 2], rollout[0, ::2]]))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(12, 7))
+    ax = fig.add_subplot(2, 2, 1)
+    ax.imshow(recon_rows, interpolation="nearest")
+    ax.set_title(f"tokenizer: real / reconstructed  (PSNR {metrics['tokenizer_psnr']:.1f} dB)")
+    ax.axis("off")
+    ax = fig.add_subplot(2, 2, 2)
+    ax.imshow(roll_rows, interpolation="nearest")
+    ax.set_title("real / world with inferred actions (every 2nd of 16 frames)")
+    ax.axis("off")
+    ax = fig.add_subplot(2, 1, 2)
+    steps = np.arange(1, HORIZON + 1)
+    ax.plot(steps, metrics["rollout_psnr_per_step"], "o-", label="inferred actions")
+    ax.plot(steps, metrics["random_actions_psnr_per_step"], "s--", label="random actions")
+    ax.plot(steps, metrics["copy_psnr_per_step"], ":", label="copy the prompt frame")
+    ax.set_xlabel("rollout step")
+    ax.set_ylabel("PSNR (dB)")
+    nmi = metrics["lam_nmi"]
+    ax.set_title(
+        f"ΔtPSNR(4) {metrics['delta_psnr_t4']:+.2f} dB · 10-from-1 PSNR {metrics['rollout_psnr_10_from_1']:.1f} dB "
+        f"SSIM {metrics['rollout_ssim_10_from_1']:.2f} · LAM NMI {'-' if nmi is None else f'{nmi:.2f}'}"
+    )
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget-minutes", type=float, required=True, help="training time for all three stages")
+    parser.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="output folder (default runs/speedrun)")
+    parser.add_argument("--data", type=Path, default=Path("data/coinrun_speedrun"), help="CoinRun shards (cached)")
+    parser.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto", help="auto: gpu when CUDA is there")
+    parser.add_argument("--episodes", type=int, default=None, help="training episodes (default: the preset's)")
+    parser.add_argument("--shares", default=",".join(map(str, DEFAULT_SHARES)), help="tokenizer,lam,dynamics time")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    if args.budget_minutes <= 0:
+        raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    shares = parse_shares(args.shares)
+    if args.preset == "auto":
+        args.preset = "gpu" if torch.cuda.is_available() else "cpu"
+    preset = PRESETS[args.preset]
+    device = torch.device("cuda" if args.preset == "gpu" else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    report: dict[str, Any] = {"budget_minutes": args.budget_minutes, "preset": args.preset, "device": str(device)}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(0)
+    report["data"] = prepare_data(args, preset)
+
+    budget = args.budget_minutes * 60
+    report["stages"] = {}
+    for stage, share in zip(STAGES, shares, strict=True):
+        extra = frozen_overrides(args.out) if stage == "dynamics" else []
+        report["stages"][stage] = fit_stage(stage, args, preset, budget * share, extra) | {"share": round(share, 3)}
+    train_seconds = sum(s["wall_seconds"] for s in report["stages"].values())
+
+    out_world = args.out / "world"
+    tok, lam, dyn = (str(args.out / s / "export") for s in STAGES)
+    argv = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", dyn, "--out", str(out_world)]
+    run_genie([*argv, "--steps", str(preset["sampler_steps"])], "world")
+    t_eval = time.monotonic()
+    print("\n[speedrun] evaluating on held-out levels ...", flush=True)
+    metrics, world = evaluate(args, preset, device)
+    report["metrics"] = metrics
+    report["seconds"] = {
+        "data": report["data"]["seconds"],
+        "train": round(train_seconds, 1),
+        "eval": round(time.monotonic() - t_eval, 1),
+        "total": round(time.monotonic() - t_start, 1),
+    }
+    (args.out / "speedrun.json").write_text(json.dumps(report, indent=1))
+    png = summary_png(world, args, metrics, args.out / "speedrun.png")
+    nmi = metrics["lam_nmi"]
+    print(
+        f"\nspeedrun ({args.preset}, {args.budget_minutes:g} min of training; data {report['seconds']['data']:.0f} s, "
+        f"eval {report['seconds']['eval']:.0f} s):\n"
+        + "\n".join(
+            f"  {s:<9} {r['global_step']:>6} steps in {r['train_seconds']:.0f} s (share {r['budget_seconds']:.0f} s)"
+            for s, r in report["stages"].items()
+        )
+        + f"\n  tokenizer PSNR {metrics['tokenizer_psnr']:.2f} dB, SSIM {metrics['tokenizer_ssim']:.3f}"
+        + f"\n  LAM NMI with the true actions {'-' if nmi is None else f'{nmi:.3f}'}, "
+        f"codes used {metrics['lam_codes_used']}"
+        + f"\n  world, 10 frames from 1: PSNR {metrics['rollout_psnr_10_from_1']:.2f} dB, "
+        f"SSIM {metrics['rollout_ssim_10_from_1']:.3f}; ΔtPSNR(t=4) {metrics['delta_psnr_t4']:+.2f} dB"
+        + f"\n  report: {args.out / 'speedrun.json'}  summary: {png}"
+        + f"\n  play it: genie play --world {out_world} --data {args.data / 'val'}"
+    )
+    return report

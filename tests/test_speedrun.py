@@ -1,0 +1,60 @@
+"""`genie speedrun` on CPU with a two-minute budget: every stage trains for its share of the wall clock, the
+world is built and every metric lands in the report (quality at this budget is not asserted: see the README)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from genie.cli import main
+
+BUDGET_MINUTES = 2.0
+METRICS = [
+    "tokenizer_psnr", "tokenizer_ssim", "tokenizer_codebook_usage", "lam_codes_used", "lam_nmi",
+    "rollout_psnr_10_from_1", "rollout_ssim_10_from_1", "delta_psnr_t4", "teacher_forced_token_accuracy",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def speedrun(tmp_path_factory, coinrun_shards) -> tuple[Path, dict, str]:  # coinrun_shards: skips without procgen
+    out = tmp_path_factory.mktemp("speedrun")
+    args = ["speedrun", "--budget-minutes", str(BUDGET_MINUTES), "--out", str(out / "run"), "--data", str(out / "data")]
+    assert main([*args, "--episodes", "16", "--preset", "cpu"]) == 0
+    return out, json.loads((out / "run" / "speedrun.json").read_text()), str(out / "run" / "speedrun.png")
+
+
+def test_every_stage_trains_for_its_share(speedrun):
+    _, report, _ = speedrun
+    budget = BUDGET_MINUTES * 60
+    shares = [s["share"] for s in report["stages"].values()]
+    assert list(report["stages"]) == ["tokenizer", "lam", "dynamics"] and math.isclose(sum(shares), 1, abs_tol=1e-3)
+    for name, stage in report["stages"].items():
+        share = budget * stage["share"]
+        assert stage["budget_seconds"] == pytest.approx(share, abs=0.2)
+        # stopped by the clock: trained about its share (Lightning checks the time between steps)
+        assert 0.8 * share <= stage["train_seconds"] <= share + 15, (name, stage)
+        assert stage["global_step"] >= 5 and math.isfinite(stage["last_train_loss"]), (name, stage)
+        assert stage["global_step"] < stage["max_steps"]  # the clock stopped it, not the step count
+    assert sum(s["wall_seconds"] for s in report["stages"].values()) <= budget + 60
+
+
+def test_the_report_has_every_metric_and_a_summary_picture(speedrun):
+    out, report, png = speedrun
+    m = report["metrics"]
+    for key in METRICS:
+        assert isinstance(m[key], float | int) and math.isfinite(m[key]), key
+    assert len(m["rollout_psnr_per_step"]) == len(m["rollout_ssim_per_step"]) == 16
+    assert m["eval_clips"] > 0 and report["data"]["clips"] > 0 and report["preset"] == "cpu"
+    assert Path(png).stat().st_size > 10_000
+    assert (out / "run" / "world" / "world.json").is_file()
+    # the data is cached: a second run with the same settings reuses the shards
+    assert not report["data"]["reused"]
+    from genie.speedrun import PRESETS, prepare_data
+
+    args = argparse.Namespace(data=out / "data", episodes=16, seed=0)
+    again = prepare_data(args, PRESETS["cpu"])
+    assert again["reused"] and again["clips"] == report["data"]["clips"]

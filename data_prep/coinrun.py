@@ -42,15 +42,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep.common import Job, JobReport, PartWriter, PrepError, episode_jobs, episode_rng, print_summary, run_prep
+from data_prep.common import (
+    Job,
+    JobReport,
+    PartWriter,
+    PrepError,
+    add_episode_output_arguments,
+    check_episode_arguments,
+    episode_jobs,
+    episode_rng,
+    print_summary,
+    run_prep,
+)
 from genie.data.contract import ClipMeta, clip_key, npy_bytes
-from genie.data.video import DEFAULT_GOP, encode_clip, resize_center_crop
+from genie.data.video import encode_clip, resize_center_crop
 
 NUM_ACTIONS = 15  # CoinRun's action space (procgen's shared 15 key combos)
 FPS = 15  # procgen's native frame rate
@@ -224,23 +234,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--val-levels", type=int, default=1000, help="number of validation levels (default 1000)")
     add("--val-episodes", type=int, default=None, help="val episodes (max(1, episodes // 10); 0: none)")
     add("--distribution-mode", choices=["easy", "hard"], default="hard", help="procgen difficulty (hard)")
-    add("--lossy", action="store_true", help="H.264 yuv420p at --crf instead of lossless (not frame-exact)")
-    add("--crf", type=int, default=18, help="H.264 quality with --lossy (lower is better)")
-    add("--gop", type=int, default=DEFAULT_GOP, help="keyframe interval (short = fast random access)")
-    add("--shard-size", type=int, default=256, help="clips per shard (default 256)")
-    add("--episodes-per-job", type=int, default=8, help="episodes per job (never changes the output)")
-    add("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (0: none)")
-    add("--overwrite", action="store_true", help="replace shards made with other settings")
+    add_episode_output_arguments(add, episodes_per_job=8)
 
 
 def check_args(args: argparse.Namespace) -> int:
     """Validate arguments; return the number of validation episodes."""
-    val_episodes = max(1, args.episodes // 10) if args.val_episodes is None else args.val_episodes
-    problems = []
-    if args.episodes < 1 or val_episodes < 0:
-        problems.append("--episodes must be >= 1 and --val-episodes >= 0")
-    if args.seed < 0:
-        problems.append("--seed must be >= 0")
+    val_episodes, problems = check_episode_arguments(args)
     if not 0 <= args.sticky < 1:
         problems.append("--sticky must be in [0, 1)")
     if args.clip_frames < 2:

@@ -392,3 +392,32 @@ def episode_jobs(split: str, episodes: int, per_job: int, payload: dict[str, Any
             )
         )
     return jobs
+
+
+def add_episode_output_arguments(add: Callable[..., Any], episodes_per_job: int) -> None:
+    """The encoding, sharding and parallelism options every generated (episode) source shares.
+
+    Args:
+        add: the parser's ``add_argument``.
+        episodes_per_job: the source's default chunk of episodes per job (never changes the output).
+    """
+    from genie.data.video import DEFAULT_GOP
+
+    add("--lossy", action="store_true", help="H.264 yuv420p at --crf instead of lossless (not frame-exact)")
+    add("--crf", type=int, default=18, help="H.264 quality with --lossy (lower is better)")
+    add("--gop", type=int, default=DEFAULT_GOP, help="keyframe interval (short = fast random access)")
+    add("--shard-size", type=int, default=256, help="clips per shard (default 256)")
+    add("--episodes-per-job", type=int, default=episodes_per_job, help="episodes per job (never changes the output)")
+    add("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (0: none)")
+    add("--overwrite", action="store_true", help="replace shards made with other settings")
+
+
+def check_episode_arguments(args: Any) -> tuple[int, list[str]]:
+    """The checks every generated source shares: ``(val_episodes with its default resolved, problems)``."""
+    val_episodes = max(1, args.episodes // 10) if args.val_episodes is None else args.val_episodes
+    problems = []
+    if args.episodes < 1 or val_episodes < 0:
+        problems.append("--episodes must be >= 1 and --val-episodes >= 0")
+    if args.seed < 0:
+        problems.append("--seed must be >= 0")
+    return val_episodes, problems

@@ -51,15 +51,25 @@ and ``--episodes-per-job`` are, and :func:`render_episode` reproduces any stored
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep.common import Job, JobReport, PartWriter, PrepError, episode_jobs, episode_rng, print_summary, run_prep
+from data_prep.common import (
+    Job,
+    JobReport,
+    PartWriter,
+    PrepError,
+    add_episode_output_arguments,
+    check_episode_arguments,
+    episode_jobs,
+    episode_rng,
+    print_summary,
+    run_prep,
+)
 from genie.data.contract import ClipMeta, clip_key, npy_bytes
-from genie.data.video import DEFAULT_GOP, encode_clip
+from genie.data.video import encode_clip
 
 FPS = 10
 MIN_SIZE = 16
@@ -368,25 +378,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help=f"background colours from a fixed list of 1..{MAX_BACKGROUNDS} (0: any)",
     )
-    add("--lossy", action="store_true", help="H.264 yuv420p at --crf instead of lossless (not frame-exact)")
-    add("--crf", type=int, default=18, help="H.264 quality with --lossy (lower is better)")
-    add("--gop", type=int, default=DEFAULT_GOP, help="keyframe interval (short = fast random access)")
-    add("--shard-size", type=int, default=256, help="clips per shard (default 256)")
-    add("--episodes-per-job", type=int, default=64, help="episodes per job (never changes the output)")
-    add("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (0: none)")
-    add("--overwrite", action="store_true", help="replace shards made with other settings")
+    add_episode_output_arguments(add, episodes_per_job=64)
 
 
 def check_args(args: argparse.Namespace) -> tuple[int, int, int]:
     """Validate arguments; return ``(val_episodes, step, sprite_size)`` with defaults resolved."""
-    val_episodes = max(1, args.episodes // 10) if args.val_episodes is None else args.val_episodes
+    val_episodes, problems = check_episode_arguments(args)
     step = default_step(args.size) if args.step is None else args.step
     sprite_size = default_sprite_size(args.size) if args.sprite_size is None else args.sprite_size
-    problems = check_scene(args.size, args.num_actions, args.distractors, step, sprite_size)
-    if args.episodes < 1 or val_episodes < 0:
-        problems.append("--episodes must be >= 1 and --val-episodes >= 0")
-    if args.seed < 0:
-        problems.append("--seed must be >= 0")
+    problems += check_scene(args.size, args.num_actions, args.distractors, step, sprite_size)
     if not 0 <= args.sticky < 1:
         problems.append("--sticky must be in [0, 1)")
     if args.clip_frames < 2:

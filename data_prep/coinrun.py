@@ -58,9 +58,9 @@ from data_prep.common import (
     episode_rng,
     print_summary,
     run_prep,
+    write_clip,
 )
-from genie.data.contract import ClipMeta, clip_key, npy_bytes
-from genie.data.video import encode_clip, resize_center_crop
+from genie.data.video import resize_center_crop
 
 NUM_ACTIONS = 15  # CoinRun's action space (procgen's shared 15 key combos)
 FPS = 15  # procgen's native frame rate
@@ -170,17 +170,17 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
         video_id = f"coinrun-{split}-s{p['seed']}-e{episode:06d}"
         for clip_index in range(len(frames) // clip_frames):
             start = clip_index * clip_frames
-            clip = frames[start : start + clip_frames]
-            meta = ClipMeta(
-                source=f"coinrun:{split}",
-                fps=FPS,
-                frames=clip_frames,
-                width=size,
-                height=size,
-                start_time=round(start / FPS, 6),
+            write_clip(
+                writer,
+                report,
+                frames[start : start + clip_frames],
+                actions[start : start + clip_frames - 1],
                 video_id=video_id,
                 clip_index=clip_index,
-                lossless=p["lossless"],
+                start_frame=start,
+                fps=FPS,
+                source=f"coinrun:{split}",
+                encoding=p,
                 extra={
                     "episode": episode,
                     "start_frame": start,
@@ -190,14 +190,6 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
                     "distribution_mode": p["distribution_mode"],
                 },
             )
-            members = {
-                "mp4": encode_clip(clip, FPS, lossless=p["lossless"], crf=p["crf"], gop=p["gop"]),
-                "json": meta.to_bytes(),
-                "actions.npy": npy_bytes(actions[start : start + clip_frames - 1]),
-            }
-            writer.write(clip_key(video_id, clip_index), members)
-            report.clips += 1
-            report.frames += clip_frames
     episodes = p["end_episode"] - p["first_episode"]
     report.info.update(episodes=episodes, short_episodes=short, env_frames=env_frames)
     return report

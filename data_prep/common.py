@@ -37,7 +37,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from genie.data.contract import ShardWriter, atomic_write_bytes, shard_glob, split_member_name, write_sample
+from genie.data.contract import (
+    ClipMeta,
+    ShardWriter,
+    atomic_write_bytes,
+    clip_key,
+    npy_bytes,
+    shard_glob,
+    split_member_name,
+    write_sample,
+)
 
 PARTS_DIR = ".parts"
 SUMMARY = "summary.json"
@@ -421,3 +430,55 @@ def check_episode_arguments(args: Any) -> tuple[int, list[str]]:
     if args.seed < 0:
         problems.append("--seed must be >= 0")
     return val_episodes, problems
+
+
+def write_clip(
+    writer: PartWriter,
+    report: JobReport,
+    frames_THWC: np.ndarray,
+    actions: np.ndarray,
+    *,
+    video_id: str,
+    clip_index: int,
+    start_frame: int,
+    fps: float,
+    source: str,
+    encoding: dict[str, Any],
+    extra: dict[str, Any],
+) -> None:
+    """Encode one clip with its true actions and metadata into ``writer`` and count it in ``report``.
+
+    Every source whose clips carry actions (coinrun, sprites, robot, lerobot) writes through here, so the
+    members and the :class:`ClipMeta` fields are the same everywhere.
+
+    Args:
+        frames_THWC: the clip, uint8 (T, H, W, 3).
+        actions: the actions between its frames (T-1 of them).
+        start_frame: index of the clip's first frame in its episode (``start_time`` = start_frame / fps).
+        encoding: ``lossless``, ``crf`` and ``gop`` (a job payload holds them).
+        extra: the source's own metadata fields.
+    """
+    from genie.data.video import encode_clip
+
+    T, H, W = frames_THWC.shape[:3]
+    meta = ClipMeta(
+        source=source,
+        fps=fps,
+        frames=T,
+        width=W,
+        height=H,
+        start_time=round(start_frame / fps, 6),
+        video_id=video_id,
+        clip_index=clip_index,
+        lossless=encoding["lossless"],
+        extra=extra,
+    )
+    lossless, crf, gop = encoding["lossless"], encoding["crf"], encoding["gop"]
+    members = {
+        "mp4": encode_clip(frames_THWC, fps, lossless=lossless, crf=crf, gop=gop),
+        "json": meta.to_bytes(),
+        "actions.npy": npy_bytes(actions),
+    }
+    writer.write(clip_key(video_id, clip_index), members)
+    report.clips += 1
+    report.frames += T

@@ -57,9 +57,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Job, JobReport, PartWriter, PrepError, print_summary, run_prep
-from genie.data.contract import ClipMeta, clip_key, npy_bytes
-from genie.data.video import DEFAULT_GOP, encode_clip
+from data_prep.common import Job, JobReport, PartWriter, PrepError, print_summary, run_prep, write_clip
+from genie.data.video import DEFAULT_GOP
 
 PYARROW_MISSING = "reading LeRobot parquet needs pyarrow (pip install 'genie[robot]' or pip install pyarrow)"
 _ID_SAFE = re.compile(r"[^A-Za-z0-9-]+")
@@ -375,16 +374,17 @@ def process_episode(job: Job, writer: PartWriter) -> JobReport:
             if len(buf) < clip_frames:
                 continue
             clip_index, start = report.clips, report.clips * clip_frames
-            meta = ClipMeta(
-                source=f"lerobot:{p['dataset_name']}/episode_{episode:06d}",
-                fps=fps,
-                frames=clip_frames,
-                width=size,
-                height=size,
-                start_time=round(start / fps, 6),
+            write_clip(
+                writer,
+                report,
+                np.stack(buf),
+                actions[start : start + clip_frames - 1],
                 video_id=video_id,
                 clip_index=clip_index,
-                lossless=p["lossless"],
+                start_frame=start,
+                fps=fps,
+                source=f"lerobot:{p['dataset_name']}/episode_{episode:06d}",
+                encoding=p,
                 extra={
                     "episode": episode,
                     "start_frame": start,
@@ -396,14 +396,6 @@ def process_episode(job: Job, writer: PartWriter) -> JobReport:
                     "split": p["split"],
                 },
             )
-            members = {
-                "mp4": encode_clip(np.stack(buf), fps, lossless=p["lossless"], crf=p["crf"], gop=p["gop"]),
-                "json": meta.to_bytes(),
-                "actions.npy": npy_bytes(actions[start : start + clip_frames - 1]),
-            }
-            writer.write(clip_key(video_id, clip_index), members)
-            report.clips += 1
-            report.frames += clip_frames
             buf = []
         if frames == 0:
             raise EpisodeError(f"unreadable video {p['video']} (no frames decoded)")

@@ -78,9 +78,9 @@ from data_prep.common import (
     episode_rng,
     print_summary,
     run_prep,
+    write_clip,
 )
-from genie.data.contract import ClipMeta, clip_key, npy_bytes
-from genie.data.video import encode_clip, resize_center_crop
+from genie.data.video import resize_center_crop
 
 # Meta-World's MT10 benchmark tasks: ten different skills that all have scripted experts
 MT10 = (
@@ -300,16 +300,17 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
             video_id = f"robot-{split}-s{p['seed']}-e{episode:06d}"
             for clip_index in range(len(frames) // clip_frames):
                 start = clip_index * clip_frames
-                meta = ClipMeta(
-                    source=f"metaworld:{task}",
-                    fps=fps,
-                    frames=clip_frames,
-                    width=size,
-                    height=size,
-                    start_time=round(start / fps, 6),
+                write_clip(
+                    writer,
+                    report,
+                    frames[start : start + clip_frames],
+                    actions[start : start + clip_frames - 1],
                     video_id=video_id,
                     clip_index=clip_index,
-                    lossless=p["lossless"],
+                    start_frame=start,
+                    fps=fps,
+                    source=f"metaworld:{task}",
+                    encoding=p,
                     extra={
                         "task": task,
                         "episode": episode,
@@ -325,16 +326,6 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
                         "camera": p["camera"],
                     },
                 )
-                members = {
-                    "mp4": encode_clip(
-                        frames[start : start + clip_frames], fps, lossless=p["lossless"], crf=p["crf"], gop=p["gop"]
-                    ),
-                    "json": meta.to_bytes(),
-                    "actions.npy": npy_bytes(actions[start : start + clip_frames - 1]),
-                }
-                writer.write(clip_key(video_id, clip_index), members)
-                report.clips += 1
-                report.frames += clip_frames
     episodes = p["end_episode"] - p["first_episode"]
     report.info.update(episodes=episodes, successful_episodes=successes, sim_frames=sim_frames)
     return report

@@ -67,9 +67,8 @@ from data_prep.common import (
     episode_rng,
     print_summary,
     run_prep,
+    write_clip,
 )
-from genie.data.contract import ClipMeta, clip_key, npy_bytes
-from genie.data.video import encode_clip
 
 FPS = 10
 MIN_SIZE = 16
@@ -328,25 +327,19 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
         video_id = f"sprites-{split}-s{p['seed']}-e{episode:06d}"
         # per-frame positions are recomputable from the seed; the metadata keeps the JSON-sized scene
         extra = {k: v for k, v in info.items() if not isinstance(v, np.ndarray)}
-        meta = ClipMeta(
-            source=f"sprites:{split}",
-            fps=FPS,
-            frames=clip_frames,
-            width=size,
-            height=size,
+        write_clip(
+            writer,
+            report,
+            frames,
+            actions,
             video_id=video_id,
             clip_index=0,
-            lossless=p["lossless"],
+            start_frame=0,
+            fps=FPS,
+            source=f"sprites:{split}",
+            encoding=p,
             extra={"episode": episode, "seed": p["seed"], "split": split, **extra},
         )
-        members = {
-            "mp4": encode_clip(frames, FPS, lossless=p["lossless"], crf=p["crf"], gop=p["gop"]),
-            "json": meta.to_bytes(),
-            "actions.npy": npy_bytes(actions),
-        }
-        writer.write(clip_key(video_id, 0), members)
-        report.clips += 1
-        report.frames += clip_frames
     report.info.update(episodes=p["end_episode"] - p["first_episode"])
     return report
 

@@ -127,6 +127,14 @@ def _decode_pyav(data: bytes, indices: Sequence[int]) -> np.ndarray:
     return np.stack([got[i] for i in indices])
 
 
+def check_indices(indices: Sequence[int]) -> None:
+    """ValueError for an empty or negative frame-index request (shared by the decode functions)."""
+    if len(indices) == 0:
+        raise ValueError("indices must not be empty")
+    if min(indices) < 0:
+        raise ValueError(f"negative frame index in {list(indices)}")
+
+
 def decode_clip(data: bytes, indices: Sequence[int], backend: Backend = "auto") -> np.ndarray:
     """Decode only the frames at ``indices`` of an encoded clip.
 
@@ -142,10 +150,7 @@ def decode_clip(data: bytes, indices: Sequence[int], backend: Backend = "auto") 
     Raises:
         DecodeError: the clip is corrupt, truncated, or shorter than the largest index.
     """
-    if len(indices) == 0:
-        raise ValueError("indices must not be empty")
-    if min(indices) < 0:
-        raise ValueError(f"negative frame index in {list(indices)}")
+    check_indices(indices)
     if not data:
         raise DecodeError("empty video member")
     if backend == "pyav":
@@ -318,10 +323,7 @@ def decode_resized(
     Raises:
         DecodeError: the video is corrupt, truncated, or shorter than the largest index.
     """
-    if len(indices) == 0:
-        raise ValueError("indices must not be empty")
-    if min(indices) < 0:
-        raise ValueError(f"negative frame index in {list(indices)}")
+    check_indices(indices)
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     if backend not in ("auto", "decord", "pyav"):

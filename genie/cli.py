@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
         from genie.train import fit
 
-        flush_denormals()
-        return fit(argv[1:])
+        return fit(argv[1:])  # the stages flush subnormals themselves (StageModule.on_fit_start)
     args = build_parser(argv).parse_args(argv)
     flush_denormals()
     module = importlib.import_module(args._module)

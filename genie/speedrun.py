@@ -116,15 +116,18 @@ def fit_stage(
 
 def frozen_overrides(out: Path) -> list[str]:
     """The dynamics stage's settings that must match the exported tokenizer and LAM."""
-    tok = json.loads((out / "tokenizer" / "export" / "config.json").read_text())
-    lam = json.loads((out / "lam" / "export" / "config.json").read_text())
-    grid = tok["image_size"] // tok["patch_size"]
+    from genie.models.lam import LAMConfig
+    from genie.models.tokenizer import TokenizerConfig
+    from genie.stages.dynamics import read_config
+
+    tok_dir, lam_dir = out / "tokenizer" / "export", out / "lam" / "export"
+    tok, lam = read_config(TokenizerConfig, tok_dir, "tokenizer"), read_config(LAMConfig, lam_dir, "LAM")
     return [
-        f"--model.init_args.tokenizer={out / 'tokenizer' / 'export'}",
-        f"--model.init_args.lam={out / 'lam' / 'export'}",
-        f"--model.init_args.model.num_codes={tok['num_codes']}",
-        f"--model.init_args.model.grid_size={grid}",
-        f"--model.init_args.model.num_actions={lam['num_actions']}",
+        f"--model.init_args.tokenizer={tok_dir}",
+        f"--model.init_args.lam={lam_dir}",
+        f"--model.init_args.model.num_codes={tok.num_codes}",
+        f"--model.init_args.model.grid_size={tok.grid_size}",
+        f"--model.init_args.model.num_actions={lam.num_actions}",
     ]
 
 

@@ -58,3 +58,14 @@ def test_the_report_has_every_metric_and_a_summary_picture(speedrun):
     args = argparse.Namespace(data=out / "data", episodes=16, seed=0)
     again = prepare_data(args, PRESETS["cpu"])
     assert again["reused"] and again["clips"] == report["data"]["clips"]
+
+
+def test_bad_arguments_are_one_line(tmp_path: Path, capsys):
+    base = ["speedrun", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--preset", "cpu"]
+    for extra, text in ((["--budget-minutes", "0"], "--budget-minutes must be positive"),
+                        (["--budget-minutes", "1", "--shares", "0.5,0.5"], "--shares must be 3 positive numbers"),
+                        (["--budget-minutes", "1", "--shares", "a,b,c"], "--shares must be 3 numbers")):  # fmt: skip
+        assert main([*base, *extra]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and text in err[0], err
+    assert not (tmp_path / "data").exists()  # nothing was made before the arguments were checked

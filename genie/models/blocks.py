@@ -34,6 +34,7 @@ its fused ``is_causal=True`` path.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from genie.models.cpu_ops import Linear, apply_rope_fast, rms_norm_fast, use_cpu_ops
 
 
 @dataclass
@@ -171,14 +174,14 @@ class QKNorm(nn.RMSNorm):
     """RMSNorm whose weight follows the input's dtype: under bf16 autocast the fused kernel needs both in bf16
     (with an fp32 weight PyTorch falls back to the unfused path and warns; seen on an H200).
 
-    On the CPU the input is made contiguous first: torch 2.13's CPU ``rms_norm`` takes a slow path on the
-    strided per-head views ``qkv_heads`` hands it (measured: 13.8 ms against 0.1 ms for a (512, 4, 3, 24)
-    tensor, forward alone), which made QK-norm the most expensive op of a CPU step.
+    On the CPU it runs :func:`~genie.models.cpu_ops.rms_norm_fast` instead (contiguous fp32 input, one autograd
+    node): torch 2.13's CPU ``rms_norm`` takes a slow path on the strided per-head views ``qkv_heads`` hands it
+    (13.8 ms against 0.1 ms for a (512, 4, 3, 24) tensor, forward alone), and its autograd is ~18 small ops.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
-            x = x.contiguous()
+        if use_cpu_ops(x):
+            return rms_norm_fast(x, self.weight, self.eps)  # one autograd node, fp32 out (genie/models/cpu_ops.py)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
@@ -192,8 +195,8 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.dropout = config.dropout
         head_dim = config.width // config.num_heads
-        self.qkv = nn.Linear(config.width, 3 * config.width, bias=config.bias)  # one matmul for q, k, v
-        self.proj = nn.Linear(config.width, config.width, bias=config.bias)
+        self.qkv = Linear(config.width, 3 * config.width, bias=config.bias)  # one matmul for q, k, v
+        self.proj = Linear(config.width, config.width, bias=config.bias)
         self.proj.is_residual_proj = True  # scaled init, see STTransformer._init_module
         self.q_norm = QKNorm(head_dim, eps=1e-6) if config.qk_norm else nn.Identity()
         self.k_norm = QKNorm(head_dim, eps=1e-6) if config.qk_norm else nn.Identity()
@@ -206,9 +209,20 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """SDPA of (B', K, L, E) queries on (B', K, S, E) keys/values, then the output projection: (B', L, D)."""
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        dtype, fp32_attention = v.dtype, nullcontext()
+        if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype, v.dtype):
+            # PyTorch's CPU flash attention is 2-3x slower in bf16 than in fp32 at our short sequences
+            # (forward + backward, (512, 4, 8, 32) temporal: 7.6 vs 4.8 ms; (64, 4, 64, 32) spatial: 16.5 vs
+            # 5.7 ms), so under CPU bf16 autocast attention itself runs in fp32 (autocast would cast it back);
+            # the projections stay bf16.
+            q, k, v = q.float(), k.float(), v.float()
+            fp32_attention = torch.autocast("cpu", enabled=False)
+        else:  # norms may run in fp32 under autocast; SDPA needs one dtype
+            q, k = q.to(dtype), k.to(dtype)
+        with fp32_attention:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            ).to(dtype)
         return self.resid_dropout(self.proj(rearrange(y, "b k l e -> b l (k e)")))
 
 
@@ -218,8 +232,7 @@ class SpatialAttention(Attention):
     def forward(self, x_BTND: Tensor) -> Tensor:
         T = x_BTND.shape[1]
         q, k, v = self.qkv_heads(rearrange(x_BTND, "b t n d -> (b t) n d"))
-        # norms may run in fp32 under autocast; SDPA needs one dtype
-        y_BLD = self.attend(q.to(v.dtype), k.to(v.dtype), v)
+        y_BLD = self.attend(q, k, v)
         return rearrange(y_BLD, "(b t) n d -> b t n d", t=T)
 
 
@@ -243,7 +256,10 @@ class TemporalAttention(Attention):
         N = x_BTND.shape[2]
         q, k, v = self.qkv_heads(rearrange(x_BTND, "b t n d -> (b n) t d"))  # (B*N, K, T, E)
         # rotate, then cast (norms may run in fp32 under autocast); keys are cached rotated
-        q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
+        if use_cpu_ops(q):  # 3 passes instead of 5 each way; fp32 out, which CPU attention wants anyway
+            q, k = apply_rope_fast(q, *rope), apply_rope_fast(k, *rope)
+        else:
+            q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
         T = q.shape[2]
         if cache is not None:
             k, v = cache.extend(layer, k, v, update_cache)  # (B*N, K, S_past + T, E)
@@ -262,8 +278,8 @@ class MLP(nn.Module):
     def __init__(self, config: STTransformerConfig):
         super().__init__()
         hidden = int(config.mlp_ratio * config.width)
-        self.fc = nn.Linear(config.width, hidden, bias=config.bias)
-        self.proj = nn.Linear(hidden, config.width, bias=config.bias)
+        self.fc = Linear(config.width, hidden, bias=config.bias)
+        self.proj = Linear(hidden, config.width, bias=config.bias)
         self.proj.is_residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 

@@ -1,0 +1,173 @@
+"""Faster CPU versions of the ST transformer's hot ops: a linear layer, QK RMSNorm and RoPE.
+
+Dimension keys:
+    M: rows (all leading dims of the input flattened)
+    I: input features;  O: output features
+    E: features normalised / rotated (the head dim)
+
+Why these exist: on the 2-core CPU this project's CI runs on, a training step of the issue-8 reference model
+(width 128, 4 heads, MLP 512, 8 frames of 64 tokens, batch 8) was 0.49 s in fp32 and 0.39 s under bf16
+autocast, and a profile put the time in three places that PyTorch's generic CPU paths handle poorly:
+
+* **fp32 matrix products.** ``F.linear`` in fp32 calls MKL's SGEMM, which on the AMD EPYC (Zen 5) CPU runs at
+  ~195 GFLOP/s, while oneDNN's fp32 inner product, which PyTorch ships for inductor
+  (``torch.ops.mkldnn._linear_pointwise``), runs the same shapes at ~450 GFLOP/s. :class:`Linear` uses it for
+  the forward product and the input gradient, and for the weight gradient (a long reduction over M, where
+  oneDNN is weakest, ~280 GFLOP/s) it puts the smaller of O, I on the output's rows. All fp32 math.
+* **QK RMSNorm.** Autograd runs ``F.rms_norm`` on the CPU as ~6 forward and ~12 backward elementwise ops over
+  (B', K, L, E) tensors; :func:`rms_norm_fast` is one autograd node with a hand-written backward
+  (2 forward and 6 backward passes), computed in fp32.
+* **RoPE.** ``x * cos + cat(-x2, x1) * sin`` is 5 passes each way plus a mixed-dtype multiply under bf16;
+  :func:`apply_rope_fast` is 3 passes each way (a multiply and two in-place half-width ``addcmul``).
+
+Each is used only for CPU tensors (and outside ``torch.compile``, which fuses these itself); on a GPU the
+model calls ``F.linear``, the fused ``F.rms_norm`` kernel and the plain RoPE. Each matches its reference to
+fp32 rounding in value and gradient (tests/models/test_cpu_ops.py). Speed before -> after is in
+docs/architecture.md ("Measured").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def use_cpu_ops(x: Tensor) -> bool:
+    """Whether ``x`` should take this module's CPU paths: an fp32 or bf16 CPU tensor, in eager mode.
+
+    (float64 models, used by exactness tests, keep PyTorch's own ops.)
+    """
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
+
+
+# ---- linear ---------------------------------------------------------------------------------------------
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN's CPU inner product (x86 builds do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_mm(x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None = None) -> Tensor:
+    """x_MI @ w_OI^T (+ b_O) with oneDNN: (M, I), (O, I) -> (M, O). The inputs may be strided views."""
+    return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, b_O, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with oneDNN products in forward and backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x_MI, w_OI)
+        ctx.has_bias = b_O is not None
+        return _onednn_mm(x_MI, w_OI, b_O)
+
+    @staticmethod
+    def backward(ctx, dy_MO: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: D102
+        x_MI, w_OI = ctx.saved_tensors
+        dy_MO = dy_MO.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_mm(dy_MO, w_OI.t())  # (M, O) @ (O, I)
+        if ctx.needs_input_grad[1]:
+            out_features, in_features = w_OI.shape
+            # dW = dy^T x: oneDNN is fastest with the smaller side on the output's rows
+            dw = _onednn_mm(dy_MO.t(), x_MI.t()) if out_features <= in_features else _onednn_mm(x_MI.t(), dy_MO.t()).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy_MO.sum(0)
+        return dx, dw, db
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` with the oneDNN fp32 path for CPU tensors outside autocast: (..., I) -> (..., O).
+
+    Under CPU bf16 autocast PyTorch already routes ``F.linear`` to oneDNN's bf16 kernels.
+    """
+    if (
+        use_cpu_ops(x)
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and x.dim() >= 2
+        and onednn_available()
+    ):
+        x_MI = x.reshape(-1, x.shape[-1])
+        if not x_MI.is_contiguous():
+            x_MI = x_MI.contiguous()
+        return _OneDNNLinear.apply(x_MI, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose fp32 CPU products run on oneDNN."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------------------
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x / rms(x) * w over the last dim, in fp32, with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_E: Tensor, eps: float) -> Tensor:  # noqa: D102
+        E = x.shape[-1]
+        r = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(E).add_(eps)).rsqrt_()  # (..., 1)
+        n = x * r  # the normalised input
+        ctx.save_for_backward(n, r, w_E)
+        return n * w_E
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: D102
+        n, r, w_E = ctx.saved_tensors
+        E = n.shape[-1]
+        dw = (dy * n).reshape(-1, E).sum(0) if ctx.needs_input_grad[1] else None
+        dn = dy * w_E
+        # d/dx of x * r(x): r * (dn - n * mean(dn * n))
+        dot = torch.linalg.vecdot(dn, n, dim=-1).unsqueeze(-1)  # (..., 1)
+        dx = torch.addcmul(dn, n, dot, value=-1.0 / E).mul_(r)
+        return dx, dw, None
+
+
+def rms_norm_fast(x: Tensor, weight: Tensor, eps: float | None = None) -> Tensor:
+    """RMSNorm over the last dim: (..., E) -> (..., E) float32 (any strides in; computed in fp32).
+
+    ``eps=None`` means fp32's machine epsilon, as in ``F.rms_norm``.
+    """
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    return _RMSNorm.apply(x.float().contiguous(), weight.float(), eps)
+
+
+# ---- RoPE -------------------------------------------------------------------------------------------------
+
+
+def _rotate(x: Tensor, cos_TE: Tensor, sin_TE: Tensor, sign: float) -> Tensor:
+    """x * cos + sign * rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1): 3 passes over x."""
+    h = x.shape[-1] // 2
+    out = x * cos_TE
+    out[..., :h].addcmul_(x[..., h:], sin_TE[..., :h], value=-sign)
+    out[..., h:].addcmul_(x[..., :h], sin_TE[..., h:], value=sign)
+    return out
+
+
+class _RoPE(torch.autograd.Function):
+    """Rotary embedding with its transpose (the inverse rotation) as the backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(cos_TE, sin_TE)
+        return _rotate(x, cos_TE, sin_TE, 1.0)
+
+    @staticmethod
+    def backward(ctx, dz: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        cos_TE, sin_TE = ctx.saved_tensors
+        # the halves of cos/sin are equal, so the transpose of the rotation is the rotation by -angle
+        return _rotate(dz, cos_TE, sin_TE, -1.0), None, None
+
+
+def apply_rope_fast(x: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
+    """RoPE of (..., T, E) by (T, E) tables ("rotate half" layout, equal halves), in the tables' dtype."""
+    return _RoPE.apply(x.to(cos_TE.dtype), cos_TE, sin_TE)

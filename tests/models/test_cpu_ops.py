@@ -1,0 +1,87 @@
+"""The CPU fast paths (genie/models/cpu_ops.py) against PyTorch's reference ops: values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genie.models import cpu_ops
+from genie.models.blocks import apply_rope, rope_cos_sin
+
+pytestmark = pytest.mark.skipif(not cpu_ops.onednn_available(), reason="PyTorch built without oneDNN")
+
+
+def graph_names(t):
+    """Names of the autograd nodes behind ``t``."""
+    names, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def grads(fn, *tensors):
+    """Output of ``fn`` and the gradients of a fixed random projection of it w.r.t. ``tensors``."""
+    out = fn(*tensors)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return (out, *torch.autograd.grad((out * probe).sum(), tensors))
+
+
+@pytest.mark.parametrize("shape,out_features,bias", [((6, 5, 48), 96, True), ((300, 128), 40, False)])
+def test_linear_matches_f_linear(shape, out_features, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    w = torch.randn(out_features, shape[-1], generator=g, requires_grad=True)
+    b = torch.randn(out_features, generator=g, requires_grad=True) if bias else None
+    args = (x, w, b) if bias else (x, w)
+    fast = grads(lambda *a: cpu_ops.linear(*a), *args)
+    ref = grads(lambda *a: F.linear(*a), *args)
+    assert any("OneDNN" in n for n in graph_names(fast[0]))  # the fast path ran
+    for a, r in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_takes_plain_path_under_autocast_and_for_float64():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_ops.linear(x, w).dtype == torch.bfloat16  # autocast's own bf16 linear
+    y = cpu_ops.linear(x.double(), w.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.linear(x.double(), w.double()))
+
+
+def test_linear_module_keeps_nn_linear_state_dict():
+    a, b = torch.nn.Linear(8, 4), cpu_ops.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_rms_norm_matches_reference_on_strided_input():
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(7, 3, 4, 5, 32, generator=g)  # a strided per-head view, as the attention hands it
+    x = qkv[:, 1].requires_grad_()
+    x_leaf = qkv.requires_grad_()
+    w = (1 + 0.1 * torch.randn(32, generator=g)).requires_grad_()
+    fast = grads(lambda q, w: cpu_ops.rms_norm_fast(q[:, 1], w, 1e-6), x_leaf, w)
+    ref = grads(lambda q, w: F.rms_norm(q[:, 1], (32,), w, 1e-6), x_leaf, w)
+    del x
+    for a, r in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_of_bf16_input_is_fp32():
+    x = torch.randn(3, 16).bfloat16()
+    y = cpu_ops.rms_norm_fast(x, torch.ones(16), 1e-6)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.rms_norm(x.float(), (16,), eps=1e-6))
+
+
+def test_rope_matches_reference():
+    cos, sin = rope_cos_sin(3, 6, 16, 10000.0, torch.device("cpu"))
+    x = torch.randn(5, 2, 6, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    fast = grads(lambda x: cpu_ops.apply_rope_fast(x, cos, sin), x)
+    ref = grads(lambda x: apply_rope(x, cos, sin), x)
+    for a, r in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)

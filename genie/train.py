@@ -12,6 +12,7 @@ trainer. Defaults every stage gets:
   stopping after ``--max_nonfinite_skips`` in a row) or the run stops (``--nonfinite stop``);
 - any ``trainer.strategy`` (DDP by default on several devices, FSDP in the large configs; FSDP needs CUDA,
   so on CPU those configs run unsharded); ``--gradient_checkpointing`` recomputes block activations;
+  ``--compile`` compiles the ST blocks;
 - the wandb logger, offline unless you are logged in (``WANDB_MODE`` / ``WANDB_API_KEY``);
 - the data checked against the model before the first step (resolution, clip length, paths);
 - at the end, the model exported in the Hugging Face layout to ``<root>/export``.
@@ -168,6 +169,13 @@ class GenieCLI(LightningCLI):
             help="recompute each ST block's activations in backward (less memory, ~1/3 more compute); "
             "under FSDP use the strategy's activation_checkpointing_policy instead",
         )
+        parser.add_argument(
+            "--compile",
+            type=bool,
+            default=False,
+            help="torch.compile each ST block of the stage's model (compiled once, reused by every block; "
+            "the first steps wait for the compiler)",
+        )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         # the arguments come from `args`; LightningCLI warns when sys.argv holds them too (it does, see `fit`)
@@ -231,6 +239,8 @@ class GenieCLI(LightningCLI):
             self.model.max_nonfinite_skips = cfg["max_nonfinite_skips"]
             if cfg["gradient_checkpointing"]:
                 self.model.set_gradient_checkpointing(True)
+            if cfg["compile"]:
+                self.model.compile_blocks()
         self.check_data()
 
     def check_strategy(self, cfg: Any) -> None:

@@ -58,6 +58,8 @@ def apply_overrides(model: dict[str, Any], fields: set[str], args: argparse.Name
         "decoder_depth": args.depth,
         "depth": args.depth,
     }
+    if args.image_size is not None and args.patch is not None:
+        wanted["grid_size"] = args.image_size // args.patch  # the dynamics model sees the tokenizer's grid
     m.update({k: v for k, v in wanted.items() if v is not None and k in fields})
     if args.mlp is not None:
         m["mlp_ratio"] = args.mlp / m.get("width", 512)
@@ -125,7 +127,7 @@ def bench_one(
     net = stage_mod.net.to(device).train()
     cfg = net.config
     image_size = getattr(cfg, "image_size", None) or stage_mod.expected_resolution()
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu")  # as the stages do (OptimConfig.fused)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused)
     step_fn = stage_mod.training_loss
     if compile_model:

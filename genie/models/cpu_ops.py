@@ -171,3 +171,93 @@ class _RoPE(torch.autograd.Function):
 def apply_rope_fast(x: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
     """RoPE of (..., T, E) by (T, E) tables ("rotate half" layout, equal halves), in the tables' dtype."""
     return _RoPE.apply(x.to(cos_TE.dtype), cos_TE, sin_TE)
+
+
+# ---- QK RMSNorm + RoPE in one node ----------------------------------------------------------------------
+
+
+def _rope_tables(w_SE: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold per-head-dim weights into the RoPE tables: rope(n * w) = n * A + rotate_half(n) * B.
+
+    rotate_half(n * w) = cat(-n2 w2, n1 w1) = rotate_half(n) * cat(w2, w1), so A = w * cos and
+    B = cat(w2, w1) * sin. Shapes: w (S, E) for the S = 2 stacked tensors (queries, keys); out (S, T, E).
+    """
+    swapped_SE = torch.cat(w_SE.chunk(2, dim=-1)[::-1], dim=-1)
+    return w_SE[:, None] * cos_TE, swapped_SE[:, None] * sin_TE
+
+
+def _rotate_with(x: Tensor, a: Tensor, b: Tensor, sign: float) -> Tensor:
+    """x * a + sign * rotate_half(x) * b, tables broadcast against x: 3 passes over x."""
+    h = x.shape[-1] // 2
+    out = x * a
+    out[..., :h].addcmul_(x[..., h:], b[..., :h], value=-sign)
+    out[..., h:].addcmul_(x[..., :h], b[..., h:], value=sign)
+    return out
+
+
+class _QKNormRoPE(torch.autograd.Function):
+    """z = rope(rms_norm(x) * w) for queries and keys stacked as one (2, B', K, L, E) fp32 tensor."""
+
+    @staticmethod
+    def forward(ctx, q, k, w_q, w_k, eps, cos_TE, sin_TE):  # noqa: D102
+        E = q.shape[-1]
+        x = torch.empty((2, *q.shape), dtype=torch.float32, device=q.device)  # (2, B', K, L, E)
+        x[0].copy_(q)  # one strided read + cast per tensor
+        x[1].copy_(k)
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(E).add_(eps).rsqrt_()  # (2, ..., 1)
+        n = x.mul_(r)  # normalised, in place
+        w_SE = torch.stack((w_q, w_k)).float()  # (2, E)
+        lead = (1,) * (q.dim() - 2)  # broadcast over B', K
+        if cos_TE is None:
+            w_b = w_SE.view(2, *lead, 1, E)
+            z = n * w_b
+            ctx.save_for_backward(n, r, w_b)
+        else:
+            a, b = _rope_tables(w_SE, cos_TE.float(), sin_TE.float())  # (2, T, E) each
+            z = _rotate_with(n, a.view(2, *lead, *a.shape[1:]), b.view(2, *lead, *b.shape[1:]), 1.0)
+            ctx.save_for_backward(n, r, w_SE.view(2, *lead, 1, E), cos_TE.float(), sin_TE.float())
+        ctx.rope = cos_TE is not None
+        ctx.in_dtypes = (q.dtype, k.dtype)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):  # noqa: D102
+        if ctx.rope:
+            n, r, w_b, cos_TE, sin_TE = ctx.saved_tensors
+            g = _rotate_with(dz, cos_TE, sin_TE, -1.0)  # grad w.r.t. n * w (the transposed rotation)
+        else:
+            n, r, w_b = ctx.saved_tensors
+            g = dz
+        E = n.shape[-1]
+        dw = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dw = (g * n).reshape(2, -1, E).sum(1)  # (2, E)
+        dn = g * w_b
+        dot = torch.linalg.vecdot(dn, n, dim=-1).unsqueeze(-1)
+        dx = torch.addcmul(dn, n, dot, value=-1.0 / E).mul_(r)  # (2, B', K, L, E)
+        dq, dk = dx[0].to(ctx.in_dtypes[0]), dx[1].to(ctx.in_dtypes[1])
+        return dq, dk, None if dw is None else dw[0], None if dw is None else dw[1], None, None, None
+
+
+def qk_norm_rope_fast(
+    q: Tensor,
+    k: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    eps: float | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm of queries and keys (own weights), then RoPE if given, as one autograd node.
+
+    Args:
+        q, k: (B', K, L, E) any strides, fp32 or bf16.
+        w_q, w_k: (E,) RMSNorm weights.
+        eps: RMSNorm epsilon (None: fp32's machine epsilon).
+        rope: optional (cos, sin) tables, each (L, E).
+
+    Returns:
+        q, k: (B', K, L, E) float32. Same values as ``apply_rope(F.rms_norm(q, (E,), w_q, eps), *rope)``.
+    """
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    cos, sin = rope if rope is not None else (None, None)
+    return _QKNormRoPE.apply(q, k, w_q, w_k, eps, cos, sin).unbind(0)

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from genie.data.loader import total_skipped
-from genie.models.blocks import STTransformer
+from genie.models.blocks import STBlock, STTransformer
 from genie.models.hub import GeniePreTrainedModel, model_fields
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """Cosine decay ends at ``lr * min_lr_ratio`` at ``trainer.max_steps``."""
     fused: bool | None = None
-    """Fused AdamW kernel; None: on when training on CUDA."""
+    """Fused AdamW kernel; None: on when training on CUDA or the CPU."""
     budget_seconds: float | None = None
     """Decay by wall clock instead of steps: the cosine reaches its end after this many seconds of training
     (``genie speedrun`` sets it with ``trainer.max_time``, so a stage stops by time with its schedule done)."""
@@ -176,6 +176,19 @@ class StageModule(L.LightningModule):
             if isinstance(module, STTransformer):
                 module.gradient_checkpointing = enabled
 
+    def compile_blocks(self, backend: str = "inductor") -> int:
+        """``torch.compile`` every ST block of the stage (``genie fit --compile true``).
+
+        Blocks rather than the whole model: the quantizer's dead-code restarts are data-dependent host logic
+        that would split a whole-model graph anyway, and identical blocks share one compiled graph (dynamo
+        inlines the module, so parameters are graph inputs). The CPU fast paths of ``genie/models/cpu_ops.py``
+        step aside while compiling; inductor fuses those ops itself. Returns the number of blocks compiled.
+        """
+        blocks = [m for m in self.modules() if isinstance(m, STBlock)]
+        for block in blocks:
+            block.compile(backend=backend)
+        return len(blocks)
+
     def setup(self, stage: str) -> None:
         # Parameter shapes as built: FSDP (use_orig_params) later turns every parameter into a flat 1-D view of
         # its shard, and configure_optimizers needs the true number of dimensions to pick weight decay.
@@ -204,8 +217,8 @@ class StageModule(L.LightningModule):
             is_matrix = ndim >= 2 and "embed" not in name and "codebook" not in name
             (decay if is_matrix else no_decay).append(p)
         fused = self.optim.fused
-        if fused is None:
-            fused = self.device.type == "cuda"
+        if fused is None:  # the fused kernel: CPU 1.8 vs 6.7 ms per step for a 2.2M-parameter model (for-loop)
+            fused = self.device.type in ("cuda", "cpu")
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim.lr,

@@ -130,8 +130,8 @@ def bench_one(
     fused = device.type in ("cuda", "cpu")  # as the stages do (OptimConfig.fused)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused)
     step_fn = stage_mod.training_loss
-    if compile_model:
-        net.forward = torch.compile(net.forward)
+    if compile_model:  # as `genie fit --compile true`: every ST block compiled
+        stage_mod.compile_blocks()
     g = torch.Generator().manual_seed(0)
     if inputs == "tokens":  # a token-shard batch (genie prep tokenize): the dynamics model alone
         grid = (batch_size, frames, cfg.grid_size, cfg.grid_size)
@@ -213,7 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the ST blocks (as genie fit --compile)")
     parser.add_argument("--json", default="bench_train.json", help="where to write the JSON report")
 
 

@@ -40,6 +40,21 @@ timeout 150 genie fit --config $FIT_CONFIG --data.train_shards=$DATA/train --dat
   --trainer.enable_progress_bar=false --trainer.default_root_dir=/tmp/fit_eager --checkpoint_every=100000 \
   --data.num_workers=12 2>&1 | grep -v Warning | tail -5
 cp /tmp/fit_eager/export/training.json $OUT/fit_eager.json 2>/dev/null
+stamp bench of the fit config, random data: the gap to the fit above is the loader
+timeout 100 genie bench train --stage tokenizer --config $FIT_CONFIG --precision bf16 --steps $STEPS \
+  --json $OUT/bench_fit_config.json 2>&1 | grep -v Warning | tail -3
+
+stamp which SDPA kernel runs in bf16
+python3 - <<'PY' 2>&1 | tail -3
+import torch, torch.nn.functional as F
+from torch.profiler import profile
+if torch.cuda.is_available():
+    q = torch.randn(256, 8, 64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with profile() as p:
+        F.scaled_dot_product_attention(q, q, q).sum().backward()
+    names = {e.key for e in p.key_averages() if "attention" in e.key.lower() or "flash" in e.key.lower()}
+    print("SDPA kernels:", sorted(names)[:6])
+PY
 
 for stage in tokenizer lam dynamics; do
   stamp bench $stage compile

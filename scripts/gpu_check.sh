@@ -21,7 +21,13 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import jsonargparse, webdatase
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-genie() { python3 -c 'import sys; from genie.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+if ! command -v genie >/dev/null; then  # not pip-installed there: a `genie` on PATH that runs this checkout
+  mkdir -p /tmp/genie_bin
+  printf '#!/bin/sh\nexec python3 -c "import sys; from genie.cli import main; sys.exit(main(sys.argv[1:]))" "$@"\n' \
+    >/tmp/genie_bin/genie
+  chmod +x /tmp/genie_bin/genie
+  export PATH=/tmp/genie_bin:$PATH
+fi
 stamp() { echo "== $(date +%T) $*"; }
 
 stamp env

@@ -14,6 +14,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--stage", default="tokenizer")
 p.add_argument("--config", default="configs/coinrun/tokenizer.yaml")
 p.add_argument("--batch-size", type=int, default=None)
+p.add_argument("--compile", action="store_true", help="compile the ST blocks first (genie fit --compile)")
 a = p.parse_args()
 SIZES = ["image_size", "frames", "batch_size", "patch", "width", "heads", "depth", "mlp", "codes", "actions"]
 ns = argparse.Namespace(**dict.fromkeys(SIZES))
@@ -23,6 +24,8 @@ c = net.config
 B = a.batch_size or cfg["data"]["batch_size"]
 T = cfg["data"].get("num_frames", c.num_frames)
 batch = {"frames": torch.randint(0, 256, (B, T, c.image_size, c.image_size, 3), dtype=torch.uint8, device="cuda")}
+if a.compile:
+    print("compiled blocks:", stage.compile_blocks(), flush=True)
 opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
 
 

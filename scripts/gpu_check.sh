@@ -67,4 +67,10 @@ for stage in tokenizer lam dynamics; do
   timeout 180 genie bench train --stage $stage --config $CONFIGS/$stage.yaml --precision bf16 --steps $STEPS \
     --compile --json $OUT/bench_${stage}_compile.json 2>&1 | grep -v Warning
 done
+stamp fit compiled
+timeout 150 genie fit --config $FIT_CONFIG --data.train_shards=$DATA/train --data.val_shards=$DATA/val \
+  --trainer.max_steps=$FIT_STEPS --trainer.max_time=null --trainer.limit_val_batches=0 --trainer.logger=false \
+  --trainer.enable_progress_bar=false --trainer.default_root_dir=/tmp/fit_compiled --checkpoint_every=100000 \
+  --data.num_workers=12 --compile=true 2>&1 | grep -v Warning | tail -3
+cp /tmp/fit_compiled/export/training.json $OUT/fit_compiled.json 2>/dev/null
 stamp done

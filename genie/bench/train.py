@@ -130,8 +130,6 @@ def bench_one(
     fused = device.type in ("cuda", "cpu")  # as the stages do (OptimConfig.fused)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused)
     step_fn = stage_mod.training_loss
-    if compile_model:  # as `genie fit --compile true`: every ST block compiled
-        stage_mod.compile_blocks()
     g = torch.Generator().manual_seed(0)
     if inputs == "tokens":  # a token-shard batch (genie prep tokenize): the dynamics model alone
         grid = (batch_size, frames, cfg.grid_size, cfg.grid_size)
@@ -160,13 +158,18 @@ def bench_one(
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    for _ in range(warmup):
-        one_step()
-    sync()
+    # FLOPs of one eager step. Before compiling: a dispatch mode around compiled blocks makes dynamo recompile
+    # each one, and past its cache limit it falls back to eager for good (seen on an H200: --compile then timed
+    # exactly the eager step)
     counter = FlopCounterMode(display=False)
     with counter:
         one_step()
     flops = counter.get_total_flops()
+    if compile_model:  # as `genie fit --compile true`: every ST block compiled
+        stage_mod.compile_blocks()
+    for _ in range(warmup):
+        one_step()
+    sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()

@@ -82,7 +82,9 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` with the oneDNN fp32 path for CPU tensors outside autocast: (..., I) -> (..., O).
 
-    Under CPU bf16 autocast PyTorch already routes ``F.linear`` to oneDNN's bf16 kernels.
+    Under CPU bf16 autocast PyTorch already routes ``F.linear`` to oneDNN's bf16 kernels. Inputs of fewer
+    than 512 rows (e.g. generating one frame) keep ``F.linear``: there the call overhead, not the product,
+    dominates (measured: `genie bench sample` at the issue-8 reference size is no faster on oneDNN).
     """
     if (
         use_cpu_ops(x)
@@ -90,6 +92,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and x.dim() >= 2
+        and x.numel() >= 512 * x.shape[-1]  # small products (generation, batch 1) are call-overhead bound
         and onednn_available()
     ):
         x_MI = x.reshape(-1, x.shape[-1])

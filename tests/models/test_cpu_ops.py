@@ -28,7 +28,7 @@ def grads(fn, *tensors):
     return (out, *torch.autograd.grad((out * probe).sum(), tensors))
 
 
-@pytest.mark.parametrize("shape,out_features,bias", [((6, 5, 48), 96, True), ((300, 128), 40, False)])
+@pytest.mark.parametrize("shape,out_features,bias", [((6, 100, 48), 96, True), ((600, 128), 40, False)])
 def test_linear_matches_f_linear(shape, out_features, bias):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, requires_grad=True)
@@ -42,19 +42,21 @@ def test_linear_matches_f_linear(shape, out_features, bias):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
 
 
-def test_linear_takes_plain_path_under_autocast_and_for_float64():
-    x, w = torch.randn(4, 8), torch.randn(3, 8)
+def test_linear_takes_plain_path_for_few_rows_under_autocast_and_for_float64():
+    w = torch.randn(3, 8, requires_grad=True)
+    assert not any("OneDNN" in n for n in graph_names(cpu_ops.linear(torch.randn(4, 8), w)))  # 4 rows
+    x = torch.randn(600, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_ops.linear(x, w).dtype == torch.bfloat16  # autocast's own bf16 linear
     y = cpu_ops.linear(x.double(), w.double())
-    assert y.dtype == torch.float64
+    assert y.dtype == torch.float64 and not any("OneDNN" in n for n in graph_names(y))
     torch.testing.assert_close(y, F.linear(x.double(), w.double()))
 
 
 def test_linear_module_keeps_nn_linear_state_dict():
     a, b = torch.nn.Linear(8, 4), cpu_ops.Linear(8, 4)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 8)
+    x = torch.randn(600, 8)
     torch.testing.assert_close(a(x), b(x))
 
 
@@ -85,3 +87,32 @@ def test_rope_matches_reference():
     ref = grads(lambda x: apply_rope(x, cos, sin), x)
     for a, r in zip(fast, ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_rope", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_matches_separate_ops(with_rope, dtype):
+    """One node for both norms and rotations == rms_norm then RoPE, in value and every gradient."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(6, 3, 4, 7, 16, generator=g).to(dtype).requires_grad_()  # (B', 3, K, L, E) as projected
+    w_q = (1 + 0.1 * torch.randn(16, generator=g)).requires_grad_()
+    w_k = (1 + 0.1 * torch.randn(16, generator=g)).requires_grad_()
+    rope = rope_cos_sin(2, 7, 16, 10000.0, torch.device("cpu")) if with_rope else None
+
+    def fast(qkv, w_q, w_k):
+        return torch.stack(cpu_ops.qk_norm_rope_fast(qkv[:, 0], qkv[:, 1], w_q, w_k, 1e-6, rope))
+
+    def ref(qkv, w_q, w_k):
+        q = F.rms_norm(qkv[:, 0].float(), (16,), w_q, 1e-6)
+        k = F.rms_norm(qkv[:, 1].float(), (16,), w_k, 1e-6)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return torch.stack((q, k))
+
+    out_fast, *grads_fast = grads(fast, qkv, w_q, w_k)
+    out_ref, *grads_ref = grads(ref, qkv, w_q, w_k)
+    assert out_fast.dtype == torch.float32 and grads_fast[0].dtype == dtype
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, r in zip(grads_fast, grads_ref, strict=True):
+        torch.testing.assert_close(a, r.to(a.dtype), **tol)

@@ -112,27 +112,33 @@ class Linear(nn.Linear):
 # ---- RMSNorm ----------------------------------------------------------------------------------------------
 
 
+def _normalise_(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x / rms(x) over the last dim, in place: returns (n, r) with n = x * r and r = 1 / rms, (..., 1)."""
+    E = x.shape[-1]
+    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(E).add_(eps).rsqrt_()
+    return x.mul_(r), r
+
+
+def _normalise_backward(dn: Tensor, n: Tensor, r: Tensor) -> Tensor:
+    """Gradient w.r.t. x of n = x * r(x), given dn: r * (dn - n * mean(dn * n)) (3 passes)."""
+    dot = torch.linalg.vecdot(dn, n, dim=-1).unsqueeze(-1)  # (..., 1)
+    return torch.addcmul(dn, n, dot, value=-1.0 / n.shape[-1]).mul_(r)
+
+
 class _RMSNorm(torch.autograd.Function):
     """y = x / rms(x) * w over the last dim, in fp32, with a hand-written backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_E: Tensor, eps: float) -> Tensor:  # noqa: D102
-        E = x.shape[-1]
-        r = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(E).add_(eps)).rsqrt_()  # (..., 1)
-        n = x * r  # the normalised input
+        n, r = _normalise_(x, eps)  # x is the caller's fresh copy (rms_norm_fast)
         ctx.save_for_backward(n, r, w_E)
         return n * w_E
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: D102
         n, r, w_E = ctx.saved_tensors
-        E = n.shape[-1]
-        dw = (dy * n).reshape(-1, E).sum(0) if ctx.needs_input_grad[1] else None
-        dn = dy * w_E
-        # d/dx of x * r(x): r * (dn - n * mean(dn * n))
-        dot = torch.linalg.vecdot(dn, n, dim=-1).unsqueeze(-1)  # (..., 1)
-        dx = torch.addcmul(dn, n, dot, value=-1.0 / E).mul_(r)
-        return dx, dw, None
+        dw = (dy * n).reshape(-1, n.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return _normalise_backward(dy * w_E, n, r), dw, None
 
 
 def rms_norm_fast(x: Tensor, weight: Tensor, eps: float | None = None) -> Tensor:
@@ -141,18 +147,22 @@ def rms_norm_fast(x: Tensor, weight: Tensor, eps: float | None = None) -> Tensor
     ``eps=None`` means fp32's machine epsilon, as in ``F.rms_norm``.
     """
     eps = torch.finfo(torch.float32).eps if eps is None else eps
-    return _RMSNorm.apply(x.float().contiguous(), weight.float(), eps)
+    fresh = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # normalised in place
+    return _RMSNorm.apply(fresh, weight.float(), eps)
 
 
 # ---- RoPE -------------------------------------------------------------------------------------------------
 
 
-def _rotate(x: Tensor, cos_TE: Tensor, sin_TE: Tensor, sign: float) -> Tensor:
-    """x * cos + sign * rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1): 3 passes over x."""
+def _rotate(x: Tensor, a: Tensor, b: Tensor, sign: float) -> Tensor:
+    """x * a + sign * rotate_half(x) * b, rotate_half(x) = cat(-x2, x1), tables broadcast: 3 passes over x.
+
+    With a = cos, b = sin this is RoPE (sign 1) or its transpose, the inverse rotation (sign -1).
+    """
     h = x.shape[-1] // 2
-    out = x * cos_TE
-    out[..., :h].addcmul_(x[..., h:], sin_TE[..., :h], value=-sign)
-    out[..., h:].addcmul_(x[..., :h], sin_TE[..., h:], value=sign)
+    out = x * a
+    out[..., :h].addcmul_(x[..., h:], b[..., :h], value=-sign)
+    out[..., h:].addcmul_(x[..., :h], b[..., h:], value=sign)
     return out
 
 
@@ -189,15 +199,6 @@ def _rope_tables(w_SE: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> tuple[Tensor, 
     return w_SE[:, None] * cos_TE, swapped_SE[:, None] * sin_TE
 
 
-def _rotate_with(x: Tensor, a: Tensor, b: Tensor, sign: float) -> Tensor:
-    """x * a + sign * rotate_half(x) * b, tables broadcast against x: 3 passes over x."""
-    h = x.shape[-1] // 2
-    out = x * a
-    out[..., :h].addcmul_(x[..., h:], b[..., :h], value=-sign)
-    out[..., h:].addcmul_(x[..., :h], b[..., h:], value=sign)
-    return out
-
-
 class _QKNormRoPE(torch.autograd.Function):
     """z = rope(rms_norm(x) * w) for queries and keys stacked as one (2, B', K, L, E) fp32 tensor."""
 
@@ -207,8 +208,7 @@ class _QKNormRoPE(torch.autograd.Function):
         x = torch.empty((2, *q.shape), dtype=torch.float32, device=q.device)  # (2, B', K, L, E)
         x[0].copy_(q)  # one strided read + cast per tensor
         x[1].copy_(k)
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(E).add_(eps).rsqrt_()  # (2, ..., 1)
-        n = x.mul_(r)  # normalised, in place
+        n, r = _normalise_(x, eps)  # in place; r (2, ..., 1)
         w_SE = torch.stack((w_q, w_k)).float()  # (2, E)
         lead = (1,) * (q.dim() - 2)  # broadcast over B', K
         if cos_TE is None:
@@ -217,7 +217,7 @@ class _QKNormRoPE(torch.autograd.Function):
             ctx.save_for_backward(n, r, w_b)
         else:
             a, b = _rope_tables(w_SE, cos_TE.float(), sin_TE.float())  # (2, T, E) each
-            z = _rotate_with(n, a.view(2, *lead, *a.shape[1:]), b.view(2, *lead, *b.shape[1:]), 1.0)
+            z = _rotate(n, a.view(2, *lead, *a.shape[1:]), b.view(2, *lead, *b.shape[1:]), 1.0)
             ctx.save_for_backward(n, r, w_SE.view(2, *lead, 1, E), cos_TE.float(), sin_TE.float())
         ctx.rope = cos_TE is not None
         ctx.in_dtypes = (q.dtype, k.dtype)
@@ -227,17 +227,14 @@ class _QKNormRoPE(torch.autograd.Function):
     def backward(ctx, dz):  # noqa: D102
         if ctx.rope:
             n, r, w_b, cos_TE, sin_TE = ctx.saved_tensors
-            g = _rotate_with(dz, cos_TE, sin_TE, -1.0)  # grad w.r.t. n * w (the transposed rotation)
+            g = _rotate(dz, cos_TE, sin_TE, -1.0)  # grad w.r.t. n * w (the transposed rotation)
         else:
             n, r, w_b = ctx.saved_tensors
             g = dz
-        E = n.shape[-1]
         dw = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dw = (g * n).reshape(2, -1, E).sum(1)  # (2, E)
-        dn = g * w_b
-        dot = torch.linalg.vecdot(dn, n, dim=-1).unsqueeze(-1)
-        dx = torch.addcmul(dn, n, dot, value=-1.0 / E).mul_(r)  # (2, B', K, L, E)
+            dw = (g * n).reshape(2, -1, n.shape[-1]).sum(1)  # (2, E)
+        dx = _normalise_backward(g * w_b, n, r)  # (2, B', K, L, E)
         dq, dk = dx[0].to(ctx.in_dtypes[0]), dx[1].to(ctx.in_dtypes[1])
         return dq, dk, None if dw is None else dw[0], None if dw is None else dw[1], None, None, None
 

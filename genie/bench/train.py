@@ -19,6 +19,7 @@ stand-ins are built from the ``tokenizer.yaml`` and ``lam.yaml`` next to the dyn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import resource
@@ -37,6 +38,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Dense bf16 tensor-core peak (FLOP/s) for MFU; matched on the device name.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def _count_onednn_flops() -> None:
+    """Teach torch's FLOP counter the CPU fast path's product (genie/models/cpu_ops.py), once per process."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    import genie.models.cpu_ops  # noqa: F401  (registers torch.ops.genie.onednn_mm)
+
+    def flops(x_shape, w_shape, *args, **kwargs) -> int:
+        return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # (M, I) @ (I, O)
+
+    with contextlib.suppress(RuntimeError):  # "duplicate registrations": counted already
+        register_flop_formula(torch.ops.genie.onednn_mm)(flops)
 
 
 def default_config(stage: str) -> Path:
@@ -161,6 +175,7 @@ def bench_one(
     # FLOPs of one eager step. Before compiling: a dispatch mode around compiled blocks makes dynamo recompile
     # each one, and past its cache limit it falls back to eager for good (seen on an H200: --compile then timed
     # exactly the eager step)
+    _count_onednn_flops()
     counter = FlopCounterMode(display=False)
     with counter:
         one_step()

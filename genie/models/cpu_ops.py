@@ -49,34 +49,43 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn_mm(x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None = None) -> Tensor:
-    """x_MI @ w_OI^T (+ b_O) with oneDNN: (M, I), (O, I) -> (M, O). The inputs may be strided views."""
+@torch.library.custom_op("genie::onednn_mm", mutates_args=())
+def onednn_mm(x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None = None) -> Tensor:
+    """x_MI @ w_OI^T (+ b_O) with oneDNN: (M, I), (O, I) -> (M, O). The inputs may be strided views.
+
+    A registered op (``torch.ops.genie.onednn_mm``) with its own backward, so ``torch.compile`` keeps it as one
+    opaque kernel call instead of tracing into oneDNN (which inductor cannot lower) or replacing it with MKL.
+    """
     return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, b_O, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with oneDNN products in forward and backward (see the module docstring)."""
+@onednn_mm.register_fake
+def _onednn_mm_fake(x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None = None) -> Tensor:
+    return x_MI.new_empty((x_MI.shape[0], w_OI.shape[0]))
 
-    @staticmethod
-    def forward(ctx, x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None) -> Tensor:  # noqa: D102
-        ctx.save_for_backward(x_MI, w_OI)
-        ctx.has_bias = b_O is not None
-        return _onednn_mm(x_MI, w_OI, b_O)
 
-    @staticmethod
-    def backward(ctx, dy_MO: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: D102
-        x_MI, w_OI = ctx.saved_tensors
-        dy_MO = dy_MO.contiguous()
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _onednn_mm(dy_MO, w_OI.t())  # (M, O) @ (O, I)
-        if ctx.needs_input_grad[1]:
-            out_features, in_features = w_OI.shape
-            # dW = dy^T x: oneDNN is fastest with the smaller side on the output's rows
-            dw = _onednn_mm(dy_MO.t(), x_MI.t()) if out_features <= in_features else _onednn_mm(x_MI.t(), dy_MO.t()).t()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy_MO.sum(0)
-        return dx, dw, db
+def _onednn_mm_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    x_MI, w_OI, b_O = inputs
+    ctx.save_for_backward(x_MI, w_OI)
+    ctx.has_bias = b_O is not None
+
+
+def _onednn_mm_backward(ctx, dy_MO: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    x_MI, w_OI = ctx.saved_tensors
+    dy_MO = dy_MO.contiguous()
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = onednn_mm(dy_MO, w_OI.t())  # (M, O) @ (O, I)
+    if ctx.needs_input_grad[1]:
+        out_features, in_features = w_OI.shape
+        # dW = dy^T x: oneDNN is fastest with the smaller side on the output's rows
+        dw = onednn_mm(dy_MO.t(), x_MI.t()) if out_features <= in_features else onednn_mm(x_MI.t(), dy_MO.t()).t()
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = dy_MO.sum(0)
+    return dx, dw, db
+
+
+onednn_mm.register_autograd(_onednn_mm_backward, setup_context=_onednn_mm_setup)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -86,8 +95,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     than 512 rows (e.g. generating one frame) keep ``F.linear``: there the call overhead, not the product,
     dominates (measured: `genie bench sample` at the issue-8 reference size is no faster on oneDNN).
     """
-    if (
-        use_cpu_ops(x)
+    if (  # also while compiling: onednn_mm is an opaque op to inductor
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
@@ -98,7 +107,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         x_MI = x.reshape(-1, x.shape[-1])
         if not x_MI.is_contiguous():
             x_MI = x_MI.contiguous()
-        return _OneDNNLinear.apply(x_MI, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        return onednn_mm(x_MI, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

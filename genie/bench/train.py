@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import math
 import resource
 import sys
 import time
@@ -41,16 +42,16 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
 
 
 def _count_onednn_flops() -> None:
-    """Teach torch's FLOP counter the CPU fast path's product (genie/models/cpu_ops.py), once per process."""
+    """Teach torch's FLOP counter oneDNN's inner product, which the CPU fast path calls
+    (genie/models/cpu_ops.py); once per process."""
     from torch.utils.flop_counter import register_flop_formula
 
-    import genie.models.cpu_ops  # noqa: F401  (registers torch.ops.genie.onednn_mm)
-
     def flops(x_shape, w_shape, *args, **kwargs) -> int:
-        return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # (M, I) @ (I, O)
+        rows = math.prod(x_shape[:-1])
+        return 2 * rows * x_shape[-1] * w_shape[0]  # (M, I) @ (I, O)
 
     with contextlib.suppress(RuntimeError):  # "duplicate registrations": counted already
-        register_flop_formula(torch.ops.genie.onednn_mm)(flops)
+        register_flop_formula(torch.ops.mkldnn._linear_pointwise)(flops)
 
 
 def default_config(stage: str) -> Path:

@@ -49,14 +49,52 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _mm(x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None = None) -> Tensor:
+    """x_MI @ w_OI^T (+ b_O) with oneDNN: (M, I), (O, I) -> (M, O). The inputs may be strided views."""
+    return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, b_O, "none", [], "")
+
+
+def _save(ctx, x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None) -> None:
+    ctx.save_for_backward(x_MI, w_OI)
+    ctx.has_bias = b_O is not None
+
+
+def _linear_grads(ctx, dy_MO: Tensor, mm) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """dx, dW, db of y = x W^T + b from dy, with ``mm`` (an oneDNN product) for the two products."""
+    x_MI, w_OI = ctx.saved_tensors
+    dy_MO = dy_MO.contiguous()
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = mm(dy_MO, w_OI.t())  # (M, O) @ (O, I)
+    if ctx.needs_input_grad[1]:
+        out_features, in_features = w_OI.shape
+        # dW = dy^T x: oneDNN is fastest with the smaller side on the output's rows
+        dw = mm(dy_MO.t(), x_MI.t()) if out_features <= in_features else mm(x_MI.t(), dy_MO.t()).t()
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = dy_MO.sum(0)
+    return dx, dw, db
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Eager mode: y = x W^T + b with oneDNN products in forward and backward (~3% faster per training step
+    than going through the registered op below, whose dispatch costs ~60 us a call)."""
+
+    @staticmethod
+    def forward(ctx, x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None) -> Tensor:  # noqa: D102
+        _save(ctx, x_MI, w_OI, b_O)
+        return _mm(x_MI, w_OI, b_O)
+
+    @staticmethod
+    def backward(ctx, dy_MO: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: D102
+        return _linear_grads(ctx, dy_MO, _mm)
+
+
 @torch.library.custom_op("genie::onednn_mm", mutates_args=())
 def onednn_mm(x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None = None) -> Tensor:
-    """x_MI @ w_OI^T (+ b_O) with oneDNN: (M, I), (O, I) -> (M, O). The inputs may be strided views.
-
-    A registered op (``torch.ops.genie.onednn_mm``) with its own backward, so ``torch.compile`` keeps it as one
-    opaque kernel call instead of tracing into oneDNN (which inductor cannot lower) or replacing it with MKL.
-    """
-    return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, b_O, "none", [], "")
+    """The same product as a registered op (``torch.ops.genie.onednn_mm``) with its own backward, for
+    ``torch.compile``: it stays one opaque kernel call instead of being traced into oneDNN (which inductor
+    cannot lower) or replaced by MKL's slower SGEMM."""
+    return _mm(x_MI, w_OI, b_O)
 
 
 @onednn_mm.register_fake
@@ -64,28 +102,10 @@ def _onednn_mm_fake(x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None = None) -> Te
     return x_MI.new_empty((x_MI.shape[0], w_OI.shape[0]))
 
 
-def _onednn_mm_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    x_MI, w_OI, b_O = inputs
-    ctx.save_for_backward(x_MI, w_OI)
-    ctx.has_bias = b_O is not None
-
-
-def _onednn_mm_backward(ctx, dy_MO: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    x_MI, w_OI = ctx.saved_tensors
-    dy_MO = dy_MO.contiguous()
-    dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = onednn_mm(dy_MO, w_OI.t())  # (M, O) @ (O, I)
-    if ctx.needs_input_grad[1]:
-        out_features, in_features = w_OI.shape
-        # dW = dy^T x: oneDNN is fastest with the smaller side on the output's rows
-        dw = onednn_mm(dy_MO.t(), x_MI.t()) if out_features <= in_features else onednn_mm(x_MI.t(), dy_MO.t()).t()
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        db = dy_MO.sum(0)
-    return dx, dw, db
-
-
-onednn_mm.register_autograd(_onednn_mm_backward, setup_context=_onednn_mm_setup)
+onednn_mm.register_autograd(
+    lambda ctx, dy_MO: _linear_grads(ctx, dy_MO, onednn_mm),
+    setup_context=lambda ctx, inputs, output: _save(ctx, *inputs),
+)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -107,7 +127,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         x_MI = x.reshape(-1, x.shape[-1])
         if not x_MI.is_contiguous():
             x_MI = x_MI.contiguous()
-        return onednn_mm(x_MI, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        product = onednn_mm if torch.compiler.is_compiling() else _OneDNNLinear.apply
+        return product(x_MI, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

@@ -232,8 +232,6 @@ class GenieCLI(LightningCLI):
             newest = newest_checkpoint([*(root / "checkpoints").glob("*.ckpt"), *root.glob("hpc_ckpt_*.ckpt")])
             if newest is not None:
                 self.config_init[self.subcommand]["ckpt_path"] = str(newest)
-        if isinstance(trainer.strategy, FSDPStrategy):
-            self.check_fsdp_model()
         if isinstance(self.model, StageModule):
             self.model.nonfinite = cfg["nonfinite"]
             self.model.max_nonfinite_skips = cfg["max_nonfinite_skips"]
@@ -262,22 +260,6 @@ class GenieCLI(LightningCLI):
             raise ConfigError(
                 "--gradient_checkpointing and the FSDP strategy's activation_checkpointing_policy both checkpoint "
                 "the blocks: keep one (under FSDP, the policy)"
-            )
-
-    def check_fsdp_model(self) -> None:
-        """Refuse what FSDP cannot train, before any step.
-
-        Dead-code restarts (genie/models/quantizer.py) overwrite codebook rows inside the forward pass; under
-        FSDP the codebook is then a view of a gathered, temporary flat parameter, and autograd stops the run at
-        the first restart (reproduced on CPU with gloo).
-        """
-        from genie.models.quantizer import VectorQuantizer
-
-        if any(isinstance(m, VectorQuantizer) and m.dead_code_threshold > 0 for m in self.model.modules()):
-            raise ConfigError(
-                "FSDP cannot train a quantizer with dead-code restarts (they rewrite the codebook inside forward): "
-                "use --trainer.strategy=ddp (with --gradient_checkpointing true for memory) or set "
-                "model.init_args.model.dead_code_threshold=0"
             )
 
     def check_data(self) -> None:

@@ -70,6 +70,11 @@ class VectorQuantizer(nn.Module):
         self.beta = beta
         self.dead_code_threshold = dead_code_threshold
         self.sync_distributed = True  # all-reduce usage and broadcast restarts when torch.distributed is up
+        # False: restarts rewrite the codebook inside forward (restarted codes claim inputs in that very step).
+        # True: they wait in `pending_restarts` for `apply_pending_restarts()` after the optimizer step; FSDP needs
+        # this (inside forward the codebook is a view of a temporary gathered parameter: writes would be lost)
+        self.defer_restarts = False
+        self.pending_restarts: tuple[Tensor, Tensor] | None = None  # (code indices (X,), new codes (X, Z))
         self.codebook_VZ = nn.Parameter(F.normalize(torch.randn(num_codes, code_dim), dim=-1))
         # persistent buffers so a resumed run keeps its restart clock (saved in model.safetensors)
         self.register_buffer("steps_since_used_V", torch.zeros(num_codes, dtype=torch.long))
@@ -156,9 +161,11 @@ class VectorQuantizer(nn.Module):
             error_M: (M,) optional non-negative quantization error of each row (e.g. 1 - cosine to its code).
 
         Returns:
-            Number of codes restarted.
+            Number of codes restarted now (0 with ``defer_restarts``: they are applied after the step).
         """
         dead_V = self.steps_since_used_V >= self.dead_code_threshold
+        if self.pending_restarts is not None:  # already restarted, not yet written (deferred): not dead again
+            dead_V[self.pending_restarts[0]] = False
         num_dead = int(dead_V.sum())  # one host sync per training step
         if num_dead == 0:
             return 0
@@ -174,7 +181,30 @@ class VectorQuantizer(nn.Module):
         new_XZ = F.normalize(new_XZ, dim=-1)
         if self.sync_distributed and _distributed():
             dist.broadcast(new_XZ, src=0)
-        self.codebook_VZ[dead_V] = new_XZ.to(self.codebook_VZ.dtype)
         self.steps_since_used_V[dead_V] = 0
         self.num_restarts += num_dead
+        if self.defer_restarts:  # (several forwards before one step, e.g. gradient accumulation: all of them)
+            idx_X = dead_V.nonzero().squeeze(1)
+            if self.pending_restarts is not None:
+                idx_X = torch.cat([self.pending_restarts[0], idx_X])
+                new_XZ = torch.cat([self.pending_restarts[1], new_XZ])
+            self.pending_restarts = (idx_X, new_XZ)
+            return 0  # nothing changed yet: the lookup keeps this step's codes
+        self.codebook_VZ[dead_V] = new_XZ.to(self.codebook_VZ.dtype)
         return num_dead
+
+    @torch.no_grad()
+    def apply_pending_restarts(self) -> int:
+        """Write deferred restarts (``defer_restarts``) into the codebook; returns the number of codes written.
+
+        Under FSDP call it inside ``FullyShardedDataParallel.summon_full_params(..., writeback=True)`` on every
+        rank (``StageModule.on_train_batch_end`` does), so the rows reach every shard.
+        """
+        if self.pending_restarts is None:
+            return 0
+        idx_X, new_XZ = self.pending_restarts
+        self.pending_restarts = None
+        if not bool(torch.isfinite(new_XZ).all()):  # from a step the non-finite guard skipped: drop them
+            return 0
+        self.codebook_VZ[idx_X] = new_XZ.to(self.codebook_VZ.dtype)
+        return len(new_XZ)

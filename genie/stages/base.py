@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from genie.data.loader import total_skipped
 from genie.models.blocks import STBlock, STTransformer
 from genie.models.hub import GeniePreTrainedModel, model_fields
+from genie.models.quantizer import VectorQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,29 @@ class StageModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # subnormal floats are 10-100x slower on CPUs, and real frames produce them (see genie.cli.flush_denormals)
         torch.set_flush_denormal(True)
+        # under FSDP the codebook is a view of a gathered, temporary parameter inside forward: dead-code restarts
+        # wait until after the optimizer step (on_train_batch_end writes them into every shard)
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            for module in self.modules():
+                if isinstance(module, VectorQuantizer):
+                    module.defer_restarts = True
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After an optimizer step: write deferred dead-code restarts (FSDP) into the codebook, on every rank."""
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return  # still accumulating: no step has been taken
+        quantizers = [m for m in self.modules() if isinstance(m, VectorQuantizer) and m.pending_restarts is not None]
+        if not quantizers:  # the same on every rank: pending restarts follow the all-reduced usage counts
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=True):
+                for quantizer in quantizers:
+                    quantizer.apply_pending_restarts()
+        else:
+            for quantizer in quantizers:
+                quantizer.apply_pending_restarts()
 
     def on_train_start(self) -> None:
         # Lightning keeps each submodule's train/eval mode as it finds it, and models come out of

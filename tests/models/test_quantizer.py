@@ -70,9 +70,11 @@ def _collapsed_setup(num_codes=64, code_dim=8, threshold=3, seed=0):
     return vq, encoder
 
 
-@pytest.mark.parametrize("restarts", [True, False])
-def test_collapse_detected_and_recovered_by_restarts(restarts):
+@pytest.mark.parametrize("restarts,deferred", [(True, False), (True, True), (False, False)])
+def test_collapse_detected_and_recovered_by_restarts(restarts, deferred):
+    """Also with restarts deferred to after the optimizer step (as under FSDP): the same recovery."""
     vq, encoder = _collapsed_setup(threshold=3 if restarts else 0)
+    vq.defer_restarts = deferred
     opt = torch.optim.Adam(list(vq.parameters()) + list(encoder.parameters()), lr=1e-2)
     data = torch.randn(2048, 16)
 
@@ -86,6 +88,7 @@ def test_collapse_detected_and_recovered_by_restarts(restarts):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
+        vq.apply_pending_restarts()  # what the stage does after each step (a no-op unless deferred)
     vq.eval()
     final = vq(encoder(data))
     if restarts:
@@ -139,3 +142,24 @@ def test_restarts_consistent_across_ddp_ranks():
     mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     assert results[0][0] and results[1][0], "codebooks diverged across ranks"
     assert results[0][1] >= 63 and results[0][1] == results[1][1]
+
+
+def test_deferred_restarts_wait_for_apply_merge_and_drop_non_finite_codes():
+    vq, encoder = _collapsed_setup(threshold=1)
+    vq.defer_restarts = True
+    vq.train()
+    x = encoder(torch.randn(256, 16))
+    vq(x)  # step 1: every code but one unused once
+    before = vq.codebook_VZ.detach().clone()
+    vq(x)  # step 2: restarts found, held back
+    assert torch.equal(vq.codebook_VZ, before)  # forward changed nothing
+    idx, new = vq.pending_restarts
+    assert len(idx) == len(new) == 63 and int(vq.num_restarts) == 63
+    vq(x)  # a second forward before the step (gradient accumulation): nothing dead now, the pending stay
+    assert len(vq.pending_restarts[0]) == 63
+    assert vq.apply_pending_restarts() == 63 and vq.pending_restarts is None
+    assert torch.equal(vq.codebook_VZ[idx], new)
+    # restarts drawn from a non-finite batch (a step the guard skips) are dropped, not written
+    vq.pending_restarts = (idx[:2], torch.full((2, vq.code_dim), float("nan")))
+    after = vq.codebook_VZ.detach().clone()
+    assert vq.apply_pending_restarts() == 0 and torch.equal(vq.codebook_VZ, after)

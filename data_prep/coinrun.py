@@ -58,7 +58,7 @@ from data_prep.common import (
     episode_rng,
     print_summary,
     run_prep,
-    write_clip,
+    write_episode_clips,
 )
 from genie.data.video import resize_center_crop
 
@@ -168,28 +168,24 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
         if size != NATIVE_SIZE:
             frames = np.stack([resize_center_crop(f, size) for f in frames])
         video_id = f"coinrun-{split}-s{p['seed']}-e{episode:06d}"
-        for clip_index in range(len(frames) // clip_frames):
-            start = clip_index * clip_frames
-            write_clip(
-                writer,
-                report,
-                frames[start : start + clip_frames],
-                actions[start : start + clip_frames - 1],
-                video_id=video_id,
-                clip_index=clip_index,
-                start_frame=start,
-                fps=FPS,
-                source=f"coinrun:{split}",
-                encoding=p,
-                extra={
-                    "episode": episode,
-                    "start_frame": start,
-                    "env_seed": env_seed,
-                    "level": level,
-                    "episode_frames": len(frames),
-                    "distribution_mode": p["distribution_mode"],
-                },
-            )
+        write_episode_clips(
+            writer,
+            report,
+            frames,
+            actions,
+            clip_frames,
+            video_id=video_id,
+            fps=FPS,
+            source=f"coinrun:{split}",
+            encoding=p,
+            extra={
+                "episode": episode,
+                "env_seed": env_seed,
+                "level": level,
+                "episode_frames": len(frames),
+                "distribution_mode": p["distribution_mode"],
+            },
+        )
     episodes = p["end_episode"] - p["first_episode"]
     report.info.update(episodes=episodes, short_episodes=short, env_frames=env_frames)
     return report

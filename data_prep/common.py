@@ -482,3 +482,45 @@ def write_clip(
     writer.write(clip_key(video_id, clip_index), members)
     report.clips += 1
     report.frames += T
+
+
+def write_episode_clips(
+    writer: PartWriter,
+    report: JobReport,
+    frames_THWC: np.ndarray,
+    actions: np.ndarray,
+    clip_frames: int,
+    *,
+    video_id: str,
+    fps: float,
+    source: str,
+    encoding: dict[str, Any],
+    extra: dict[str, Any],
+) -> int:
+    """Cut a whole episode into consecutive clips of ``clip_frames`` (a shorter tail is dropped) and write each
+    with :func:`write_clip`; each clip's metadata gets its ``start_frame`` beside the episode's ``extra``.
+
+    Args:
+        frames_THWC: the episode, uint8 (T, H, W, 3).
+        actions: the actions between its frames (T-1 of them).
+
+    Returns:
+        Number of clips written.
+    """
+    num_clips = len(frames_THWC) // clip_frames
+    for clip_index in range(num_clips):
+        start = clip_index * clip_frames
+        write_clip(
+            writer,
+            report,
+            frames_THWC[start : start + clip_frames],
+            actions[start : start + clip_frames - 1],
+            video_id=video_id,
+            clip_index=clip_index,
+            start_frame=start,
+            fps=fps,
+            source=source,
+            encoding=encoding,
+            extra={**extra, "start_frame": start},
+        )
+    return num_clips

@@ -78,7 +78,7 @@ from data_prep.common import (
     episode_rng,
     print_summary,
     run_prep,
-    write_clip,
+    write_episode_clips,
 )
 from genie.data.video import resize_center_crop
 
@@ -298,34 +298,30 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
             sim_frames += len(frames)
             successes += success_frame >= 0
             video_id = f"robot-{split}-s{p['seed']}-e{episode:06d}"
-            for clip_index in range(len(frames) // clip_frames):
-                start = clip_index * clip_frames
-                write_clip(
-                    writer,
-                    report,
-                    frames[start : start + clip_frames],
-                    actions[start : start + clip_frames - 1],
-                    video_id=video_id,
-                    clip_index=clip_index,
-                    start_frame=start,
-                    fps=fps,
-                    source=f"metaworld:{task}",
-                    encoding=p,
-                    extra={
-                        "task": task,
-                        "episode": episode,
-                        "split": split,
-                        "start_frame": start,
-                        "episode_frames": len(frames),
-                        "env_seed": env_seed,
-                        "success_frame": success_frame,
-                        "action_dim": ACTION_DIM,
-                        "action_names": list(ACTION_NAMES),
-                        "action_noise": p["action_noise"],
-                        "action_repeat": p["action_repeat"],
-                        "camera": p["camera"],
-                    },
-                )
+            write_episode_clips(
+                writer,
+                report,
+                frames,
+                actions,
+                clip_frames,
+                video_id=video_id,
+                fps=fps,
+                source=f"metaworld:{task}",
+                encoding=p,
+                extra={
+                    "task": task,
+                    "episode": episode,
+                    "split": split,
+                    "episode_frames": len(frames),
+                    "env_seed": env_seed,
+                    "success_frame": success_frame,
+                    "action_dim": ACTION_DIM,
+                    "action_names": list(ACTION_NAMES),
+                    "action_noise": p["action_noise"],
+                    "action_repeat": p["action_repeat"],
+                    "camera": p["camera"],
+                },
+            )
     episodes = p["end_episode"] - p["first_episode"]
     report.info.update(episodes=episodes, successful_episodes=successes, sim_frames=sim_frames)
     return report

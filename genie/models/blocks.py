@@ -43,7 +43,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from genie.models.cpu_ops import Linear, apply_rope_fast, qk_norm_rope_fast, rms_norm_fast, use_cpu_ops
+from genie.models.cpu_ops import Linear, apply_rope_fast, qk_norm_rope_fast, use_cpu_ops
 
 
 @dataclass
@@ -174,14 +174,14 @@ class QKNorm(nn.RMSNorm):
     """RMSNorm whose weight follows the input's dtype: under bf16 autocast the fused kernel needs both in bf16
     (with an fp32 weight PyTorch falls back to the unfused path and warns; seen on an H200).
 
-    On the CPU it runs :func:`~genie.models.cpu_ops.rms_norm_fast` instead (contiguous fp32 input, one autograd
-    node): torch 2.13's CPU ``rms_norm`` takes a slow path on the strided per-head views ``qkv_heads`` hands it
-    (13.8 ms against 0.1 ms for a (512, 4, 3, 24) tensor, forward alone), and its autograd is ~18 small ops.
+    On the CPU the input is made contiguous first: torch 2.13's CPU ``rms_norm`` takes a slow path on strided
+    per-head views (13.8 ms against 0.1 ms for a (512, 4, 3, 24) tensor, forward alone). (The attention layers
+    do not call this on the CPU: they normalise and rotate q and k in one node, ``qk_norm_rope_fast``.)
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if use_cpu_ops(x):
-            return rms_norm_fast(x, self.weight, self.eps)  # one autograd node, fp32 out (genie/models/cpu_ops.py)
+        if x.device.type == "cpu":
+            x = x.contiguous()
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
@@ -205,7 +205,7 @@ class Attention(nn.Module):
     def qkv_heads(self, x_BLD: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Project and split into (QK-normalised, then RoPE-rotated if ``rope``) heads: q, k, v each (B', K, L, E).
 
-        q and k may come out in fp32 under autocast (norms run in fp32); :meth:`attend` unifies dtypes.
+        On the CPU q and k come out in fp32 (:meth:`attend` runs CPU attention in fp32); elsewhere in v's dtype.
         """
         qkv = rearrange(self.qkv(x_BLD), "b l (three k e) -> three b k l e", three=3, k=self.num_heads)
         # unbind, not qkv[0], qkv[1], qkv[2]: each index's backward zero-fills a full (3, B', K, L, E) gradient
@@ -220,7 +220,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+        return q.to(v.dtype), k.to(v.dtype), v  # norms may run in fp32 under autocast; keys are cached like values
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """SDPA of (B', K, L, E) queries on (B', K, S, E) keys/values, then the output projection: (B', L, D)."""
@@ -232,8 +232,6 @@ class Attention(nn.Module):
             # the projections stay bf16.
             q, k, v = q.float(), k.float(), v.float()
             fp32_attention = torch.autocast("cpu", enabled=False)
-        else:  # norms may run in fp32 under autocast; SDPA needs one dtype
-            q, k = q.to(dtype), k.to(dtype)
         with fp32_attention:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
@@ -271,8 +269,6 @@ class TemporalAttention(Attention):
         N = x_BTND.shape[2]
         # (B*N, K, T, E) each; keys are cached rotated
         q, k, v = self.qkv_heads(rearrange(x_BTND, "b t n d -> (b n) t d"), rope)
-        if not use_cpu_ops(q):  # norms may run in fp32 under autocast: cache keys in the values' dtype
-            q, k = q.to(v.dtype), k.to(v.dtype)
         T = q.shape[2]
         if cache is not None:
             k, v = cache.extend(layer, k, v, update_cache)  # (B*N, K, S_past + T, E)

@@ -14,11 +14,10 @@ autocast, and a profile put the time in three places that PyTorch's generic CPU 
   (``torch.ops.mkldnn._linear_pointwise``), runs the same shapes at ~450 GFLOP/s. :class:`Linear` uses it for
   the forward product and the input gradient, and for the weight gradient (a long reduction over M, where
   oneDNN is weakest, ~280 GFLOP/s) it puts the smaller of O, I on the output's rows. All fp32 math.
-* **QK RMSNorm.** Autograd runs ``F.rms_norm`` on the CPU as ~6 forward and ~12 backward elementwise ops over
-  (B', K, L, E) tensors; :func:`rms_norm_fast` is one autograd node with a hand-written backward
-  (2 forward and 6 backward passes), computed in fp32.
-* **RoPE.** ``x * cos + cat(-x2, x1) * sin`` is 5 passes each way plus a mixed-dtype multiply under bf16;
-  :func:`apply_rope_fast` is 3 passes each way (a multiply and two in-place half-width ``addcmul``).
+* **QK RMSNorm and RoPE.** Autograd runs ``F.rms_norm`` on the CPU as ~6 forward and ~12 backward elementwise
+  ops over (B', K, L, E) tensors, and ``x * cos + cat(-x2, x1) * sin`` as 5 passes each way plus a mixed-dtype
+  multiply under bf16; :func:`qk_norm_rope_fast` does both norms and both rotations as one autograd node with
+  a hand-written backward, in fp32 (:func:`apply_rope_fast`, 3 passes each way, rotates without a norm).
 
 Each is used only for CPU tensors (and outside ``torch.compile``, which fuses these itself); on a GPU the
 model calls ``F.linear``, the fused ``F.rms_norm`` kernel and the plain RoPE. Each matches its reference to
@@ -153,32 +152,6 @@ def _normalise_backward(dn: Tensor, n: Tensor, r: Tensor) -> Tensor:
     """Gradient w.r.t. x of n = x * r(x), given dn: r * (dn - n * mean(dn * n)) (3 passes)."""
     dot = torch.linalg.vecdot(dn, n, dim=-1).unsqueeze(-1)  # (..., 1)
     return torch.addcmul(dn, n, dot, value=-1.0 / n.shape[-1]).mul_(r)
-
-
-class _RMSNorm(torch.autograd.Function):
-    """y = x / rms(x) * w over the last dim, in fp32, with a hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w_E: Tensor, eps: float) -> Tensor:  # noqa: D102
-        n, r = _normalise_(x, eps)  # x is the caller's fresh copy (rms_norm_fast)
-        ctx.save_for_backward(n, r, w_E)
-        return n * w_E
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: D102
-        n, r, w_E = ctx.saved_tensors
-        dw = (dy * n).reshape(-1, n.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return _normalise_backward(dy * w_E, n, r), dw, None
-
-
-def rms_norm_fast(x: Tensor, weight: Tensor, eps: float | None = None) -> Tensor:
-    """RMSNorm over the last dim: (..., E) -> (..., E) float32 (any strides in; computed in fp32).
-
-    ``eps=None`` means fp32's machine epsilon, as in ``F.rms_norm``.
-    """
-    eps = torch.finfo(torch.float32).eps if eps is None else eps
-    fresh = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # normalised in place
-    return _RMSNorm.apply(fresh, weight.float(), eps)
 
 
 # ---- RoPE -------------------------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ class StageModule(L.LightningModule):
         self._loss_nonfinite: Tensor | None = None  # set by each backward, consumed by the step's check
         self.last_grad_norm: Tensor | None = None  # global, before clipping (logged as train/grad_norm)
         self._param_ndim: dict[str, int] = {}
+        self._quantizers: list[VectorQuantizer] = []  # the stage's quantizers, found at fit start
 
     # -- hyper-parameters and data ------------------------------------------------------------
 
@@ -200,16 +201,16 @@ class StageModule(L.LightningModule):
         torch.set_flush_denormal(True)
         # under FSDP the codebook is a view of a gathered, temporary parameter inside forward: dead-code restarts
         # wait until after the optimizer step (on_train_batch_end writes them into every shard)
+        self._quantizers = [m for m in self.modules() if isinstance(m, VectorQuantizer)]
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            for module in self.modules():
-                if isinstance(module, VectorQuantizer):
-                    module.defer_restarts = True
+            for quantizer in self._quantizers:
+                quantizer.defer_restarts = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After an optimizer step: write deferred dead-code restarts (FSDP) into the codebook, on every rank."""
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return  # still accumulating: no step has been taken
-        quantizers = [m for m in self.modules() if isinstance(m, VectorQuantizer) and m.pending_restarts is not None]
+        quantizers = [q for q in self._quantizers if q.pending_restarts is not None]
         if not quantizers:  # the same on every rank: pending restarts follow the all-reduced usage counts
             return
         if isinstance(self.trainer.strategy, FSDPStrategy):

@@ -80,14 +80,18 @@ def plain(config: Any) -> Any:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
+def cosine_ratio(progress: float, min_ratio: float) -> float:
+    """Cosine decay from 1 at ``progress`` 0 to ``min_ratio`` at 1 (and after)."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Multiplier of the peak LR at ``step``: linear warmup, then cosine to ``min_ratio``."""
     if step < warmup:
         return (step + 1) / max(1, warmup)
     if total <= warmup:
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cosine_ratio((step - warmup) / max(1, total - warmup), min_ratio)
 
 
 class TimeSchedule:
@@ -106,8 +110,7 @@ class TimeSchedule:
             self.start = now
         if step < self.warmup_steps:
             return (step + 1) / max(1, self.warmup_steps)
-        progress = min(1.0, (now - self.start) / self.budget_seconds)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cosine_ratio((now - self.start) / self.budget_seconds, self.min_ratio)
 
 
 class StageModule(L.LightningModule):
@@ -183,8 +186,9 @@ class StageModule(L.LightningModule):
 
         Blocks rather than the whole model: the quantizer's dead-code restarts are data-dependent host logic
         that would split a whole-model graph anyway, and identical blocks share one compiled graph (dynamo
-        inlines the module, so parameters are graph inputs). The CPU fast paths of ``genie/models/cpu_ops.py``
-        step aside while compiling; inductor fuses those ops itself. Returns the number of blocks compiled.
+        inlines the module, so parameters are graph inputs). While compiling, the CPU norm/rotation fast paths of
+        ``genie/models/cpu_ops.py`` step aside (inductor fuses those ops itself) and the oneDNN linear stays, as
+        the opaque op ``genie::onednn_mm``. Returns the number of blocks compiled.
         """
         blocks = [m for m in self.modules() if isinstance(m, STBlock)]
         for block in blocks:

@@ -123,9 +123,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and x.numel() >= 512 * x.shape[-1]  # small products (generation, batch 1) are call-overhead bound
         and onednn_available()
     ):
-        x_MI = x.reshape(-1, x.shape[-1])
-        if not x_MI.is_contiguous():
-            x_MI = x_MI.contiguous()
+        x_MI = x.reshape(-1, x.shape[-1]).contiguous()
         product = onednn_mm if torch.compiler.is_compiling() else _OneDNNLinear.apply
         return product(x_MI, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

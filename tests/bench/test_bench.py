@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from genie.cli import main
 
 
@@ -132,3 +134,32 @@ def test_bench_train_dynamics_times_token_and_video_batches(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["inputs"] for r in rows] == ["tokens", "frames"]  # frames: untrained stand-in tokenizer + LAM first
     assert all(r["s_per_step"] > 0 and r["image"] == 24 for r in rows)
+
+
+def test_bench_train_sizes_the_dynamics_grid_from_image_size_and_patch():
+    """--image-size 64 --patch 8 means 8x8 tokens for the dynamics model too (it has grid_size, not image_size)."""
+    import argparse
+
+    from genie.bench.train import apply_overrides
+
+    sizes = dict(frames=None, width=None, heads=None, codes=None, actions=None, depth=None, mlp=None)
+    args = argparse.Namespace(image_size=64, patch=8, **sizes)
+    assert apply_overrides({"grid_size": 6}, {"grid_size", "width"}, args)["grid_size"] == 8
+    assert "grid_size" not in apply_overrides({}, {"image_size", "patch_size"}, args)  # the tokenizer's own fields
+
+
+def test_flop_counter_counts_the_cpu_fast_linear():
+    """The fp32 CPU linear runs oneDNN's inner product; the benchmark's FLOP count must include it."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genie.bench.train import _count_onednn_flops
+    from genie.models import cpu_ops
+
+    if not cpu_ops.onednn_available():
+        pytest.skip("PyTorch built without oneDNN")
+    _count_onednn_flops()
+    x, w = torch.randn(600, 32), torch.randn(16, 32)
+    with FlopCounterMode(display=False) as counter:
+        cpu_ops.linear(x, w)
+    assert counter.get_total_flops() == 2 * 600 * 32 * 16

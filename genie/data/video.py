@@ -51,7 +51,7 @@ def encode_clip(
 
     ``lossless=True`` uses libx264rgb at crf 0 (rgb24, frame-exact through decord and PyAV);
     otherwise libx264 yuv420p at ``crf``. Width and height must be even for yuv420p.
-    Single-threaded, so equal input gives equal bytes.
+    Single-threaded and CPU-independent (see below), so equal input gives equal bytes.
     """
     if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3 or frames_THWC.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames_THWC.dtype} {frames_THWC.shape}")
@@ -66,7 +66,7 @@ def encode_clip(
         stream.width, stream.height = w, h
         stream.pix_fmt = "rgb24" if lossless else "yuv420p"
         stream.thread_count = 1
-        stream.options = {
+        options = {
             "crf": "0" if lossless else str(crf),
             "preset": "veryfast",
             "g": str(gop),
@@ -74,7 +74,13 @@ def encode_clip(
             "sc_threshold": "0",
             "bf": "0",  # no B-frames: decode order == display order, cheaper random access
             "threads": "1",
+            # x264's assembly for mb-tree rate control reads uninitialised memory when the frame is
+            # not a multiple of 64 px wide (32, 96, 160, ...), so equal frames gave different bytes
+            # (and different pixels) from run to run; cpu-independent selects the exact routines
+            # (same size, quality and speed here) and also makes the bytes match across CPUs
+            "x264-params": "cpu-independent=1",
         }
+        stream.options = options
         stream.codec_context.time_base = Fraction(1) / rate
         for i, frame in enumerate(frames_THWC):
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")

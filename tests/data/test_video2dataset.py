@@ -106,7 +106,8 @@ def assert_window_matches(frames: np.ndarray, source: np.ndarray, idx: np.ndarra
     got = frames.astype(np.float32)
     for j, i in enumerate(idx):
         err = np.abs(got[j] - ref[i]).mean()
-        assert err < 4.0, f"frame {i}: mean abs error {err:.2f}"
+        # two generations of crf-18 H.264 at 28x44 -> 32 px: ~4 levels; the neighbour check below is the sharp one
+        assert err < 4.5, f"frame {i}: mean abs error {err:.2f}"
         for k in (i - 1, i + 1):
             if 0 <= k < len(ref):
                 assert np.abs(got[j] - ref[k]).mean() > err + 1.0, f"frame {i} looks like frame {k}"

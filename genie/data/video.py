@@ -66,7 +66,7 @@ def encode_clip(
         stream.width, stream.height = w, h
         stream.pix_fmt = "rgb24" if lossless else "yuv420p"
         stream.thread_count = 1
-        options = {
+        stream.options = {
             "crf": "0" if lossless else str(crf),
             "preset": "veryfast",
             "g": str(gop),
@@ -80,7 +80,6 @@ def encode_clip(
             # (same size, quality and speed here) and also makes the bytes match across CPUs
             "x264-params": "cpu-independent=1",
         }
-        stream.options = options
         stream.codec_context.time_base = Fraction(1) / rate
         for i, frame in enumerate(frames_THWC):
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -217,13 +218,12 @@ class StageModule(L.LightningModule):
         quantizers = [q for q in self._quantizers if q.pending_restarts is not None]
         if not quantizers:  # the same on every rank: pending restarts follow the all-reduced usage counts
             return
+        full_params = nullcontext()  # under FSDP: write the rows into every rank's shard
         if isinstance(self.trainer.strategy, FSDPStrategy):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
-            with FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=True):
-                for quantizer in quantizers:
-                    quantizer.apply_pending_restarts()
-        else:
+            full_params = FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=True)
+        with full_params:
             for quantizer in quantizers:
                 quantizer.apply_pending_restarts()
 

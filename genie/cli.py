@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from genie.runtime import flush_denormals, keep_freed_memory
+
 # (group, name) -> (module path, help). Each module provides add_arguments(parser) and run(args).
 COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("prep", "videos"): ("data_prep.videos", "a folder of video files -> clip shards"),
@@ -48,18 +50,6 @@ SINGLE: dict[str, tuple[str, str]] = {
 USER_ERRORS = {"PrepError", "DataError", "ConfigError", "FileNotFoundError", "ValueError", "DemoError", "SpeedrunError"}
 
 
-def flush_denormals() -> None:
-    """Treat subnormal floats as zero on the CPU.
-
-    Training on real frames drives some activations/gradients into the subnormal range, where x86 floating
-    point is 10-100x slower: measured on the speedrun's CPU tokenizer, steps went from 0.09 s to 1.5-6 s after
-    the first few. Flushing them costs nothing measurable in accuracy (they are below 1e-38).
-    """
-    import torch
-
-    torch.set_flush_denormal(True)
-
-
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genie", description=__doc__.splitlines()[0])
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
@@ -85,6 +75,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # before the first big allocation (genie/runtime.py)
     if argv[:1] == ["export"] and len(argv) > 1 and argv[1] not in {"model", "world", "-h", "--help"}:
         argv.insert(1, "model")  # `genie export CKPT --out DIR` is short for `genie export model ...`
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments

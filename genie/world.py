@@ -35,6 +35,7 @@ from genie.models.dynamics import DynamicsModel
 from genie.models.lam import LatentActionModel
 from genie.models.sampler import MaskGITSampler, SamplerConfig
 from genie.models.tokenizer import VideoTokenizer
+from genie.runtime import flush_denormals
 from genie.stages.media import to_uint8
 
 WORLD_FORMAT = "genie-world"
@@ -91,7 +92,7 @@ class World:
         adapter: ActionAdapter | None = None,
     ):
         check_compatible(tokenizer, lam, dynamics)
-        torch.set_flush_denormal(True)  # subnormal floats are 10-100x slower on CPUs (see genie.cli.flush_denormals)
+        flush_denormals()  # subnormal floats are 10-100x slower on CPUs (genie/runtime.py)
         if adapter is not None and adapter.config.num_actions != dynamics.num_actions:
             raise ValueError(
                 f"adapter num_actions={adapter.config.num_actions} but the world has {dynamics.num_actions} actions"

@@ -43,7 +43,14 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from genie.models.cpu_ops import Linear, apply_rope_fast, qk_norm_rope_fast, use_cpu_ops
+from genie.models.cpu_ops import (
+    Linear,
+    apply_rope_fast,
+    qk_norm_rope_fast,
+    short_attention,
+    short_attention_applies,
+    use_cpu_ops,
+)
 
 
 @dataclass
@@ -203,19 +210,18 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def qkv_heads(self, x_BLD: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Project and split into (QK-normalised, then RoPE-rotated if ``rope``) heads: q, k, v each (B', K, L, E).
-
-        On the CPU q and k come out in fp32 (:meth:`attend` runs CPU attention in fp32); elsewhere in v's dtype.
-        """
+        """Project and split into (QK-normalised, then RoPE-rotated if ``rope``) heads: q, k, v each (B', K, L, E),
+        all in v's dtype (bf16 under autocast; the norms and rotations themselves run in fp32 on the CPU)."""
         qkv = rearrange(self.qkv(x_BLD), "b l (three k e) -> three b k l e", three=3, k=self.num_heads)
         # unbind, not qkv[0], qkv[1], qkv[2]: each index's backward zero-fills a full (3, B', K, L, E) gradient
         # (measured on the CPU: ~2.5 ms per attention layer, ~15% of a reference-config training step)
         q, k, v = qkv.unbind(0)
         if use_cpu_ops(q):  # one autograd node for both norms and both rotations (genie/models/cpu_ops.py)
             if isinstance(self.q_norm, QKNorm):
-                q, k = qk_norm_rope_fast(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, rope)
+                w_q, w_k, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+                q, k = qk_norm_rope_fast(q, k, w_q, w_k, eps, rope, out_dtype=v.dtype)
             elif rope is not None:
-                q, k = apply_rope_fast(q, *rope), apply_rope_fast(k, *rope)
+                q, k = apply_rope_fast(q, *rope).to(v.dtype), apply_rope_fast(k, *rope).to(v.dtype)
             return q, k, v
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -225,17 +231,20 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """SDPA of (B', K, L, E) queries on (B', K, S, E) keys/values, then the output projection: (B', L, D)."""
         dtype, fp32_attention = v.dtype, nullcontext()
-        if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype, v.dtype):
-            # PyTorch's CPU flash attention is 2-3x slower in bf16 than in fp32 at our short sequences
-            # (forward + backward, (512, 4, 8, 32) temporal: 7.6 vs 4.8 ms; (64, 4, 64, 32) spatial: 16.5 vs
-            # 5.7 ms), so under CPU bf16 autocast attention itself runs in fp32 (autocast would cast it back);
-            # the projections stay bf16.
-            q, k, v = q.float(), k.float(), v.float()
-            fp32_attention = torch.autocast("cpu", enabled=False)
-        with fp32_attention:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-            ).to(dtype)
+        dropout = self.dropout if self.training else 0.0
+        if dropout == 0.0 and short_attention_applies(q, k, v):
+            # CPU, short sequences: plain batched products beat PyTorch's CPU flash kernel 1.5-3x (cpu_ops.py)
+            y = short_attention(q, k, v, mask, causal)
+        else:
+            if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype, v.dtype):
+                # PyTorch's CPU flash attention is 2-3x slower in bf16 than in fp32 (forward + backward,
+                # (512, 4, 8, 32) temporal: 7.6 vs 4.8 ms; (64, 4, 64, 32) spatial: 16.5 vs 5.7 ms), so where it
+                # runs under CPU bf16 autocast it runs in fp32 (autocast would cast it back)
+                q, k, v = q.float(), k.float(), v.float()
+                fp32_attention = torch.autocast("cpu", enabled=False)
+            with fp32_attention:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+            y = y.to(dtype)
         return self.resid_dropout(self.proj(rearrange(y, "b k l e -> b l (k e)")))
 
 

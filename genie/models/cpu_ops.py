@@ -1,9 +1,10 @@
-"""Faster CPU versions of the ST transformer's hot ops: a linear layer, QK RMSNorm and RoPE.
+"""Faster CPU versions of the ST transformer's hot ops: a linear layer, QK RMSNorm and RoPE, short attention.
 
 Dimension keys:
     M: rows (all leading dims of the input flattened)
     I: input features;  O: output features
     E: features normalised / rotated (the head dim)
+    G: attention heads of all sequences (B' * K);  L: query length;  S: key length
 
 Why these exist: on the 2-core CPU this project's CI runs on, a training step of the issue-8 reference model
 (width 128, 4 heads, MLP 512, 8 frames of 64 tokens, batch 8) was 0.49 s in fp32 and 0.39 s under bf16
@@ -18,6 +19,9 @@ autocast, and a profile put the time in three places that PyTorch's generic CPU 
   ops over (B', K, L, E) tensors, and ``x * cos + cat(-x2, x1) * sin`` as 5 passes each way plus a mixed-dtype
   multiply under bf16; :func:`qk_norm_rope_fast` does both norms and both rotations as one autograd node with
   a hand-written backward, in fp32 (:func:`apply_rope_fast`, 3 passes each way, rotates without a norm).
+* **Attention over short sequences.** PyTorch's CPU flash kernel is built for long sequences; for the ST
+  transformer's 64 tokens a frame and 8-16 frames, :func:`short_attention` (batched products, probabilities
+  kept for backward) is 1.5-3x faster, and in bf16, where the flash kernel is slower than in fp32, 3-8x.
 
 Each is used only for CPU tensors (and outside ``torch.compile``, which fuses these itself); on a GPU the
 model calls ``F.linear``, the fused ``F.rms_norm`` kernel and the plain RoPE. Each matches its reference to
@@ -204,7 +208,7 @@ class _QKNormRoPE(torch.autograd.Function):
     """z = rope(rms_norm(x) * w) for queries and keys stacked as one (2, B', K, L, E) fp32 tensor."""
 
     @staticmethod
-    def forward(ctx, q, k, w_q, w_k, eps, cos_TE, sin_TE):  # noqa: D102
+    def forward(ctx, q, k, w_q, w_k, eps, cos_TE, sin_TE, out_dtype):  # noqa: D102
         E = q.shape[-1]
         x = torch.empty((2, *q.shape), dtype=torch.float32, device=q.device)  # (2, B', K, L, E)
         x[0].copy_(q)  # one strided read + cast per tensor
@@ -222,10 +226,11 @@ class _QKNormRoPE(torch.autograd.Function):
             ctx.save_for_backward(n, r, w_SE.view(2, *lead, 1, E), cos_TE.float(), sin_TE.float())
         ctx.rope = cos_TE is not None
         ctx.in_dtypes = (q.dtype, k.dtype)
-        return z
+        return z.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dz):  # noqa: D102
+        dz = dz.float()  # one cast here, not mixed-dtype arithmetic below
         if ctx.rope:
             n, r, w_b, cos_TE, sin_TE = ctx.saved_tensors
             g = _rotate(dz, cos_TE, sin_TE, -1.0)  # grad w.r.t. n * w (the transposed rotation)
@@ -237,7 +242,7 @@ class _QKNormRoPE(torch.autograd.Function):
             dw = (g * n).reshape(2, -1, n.shape[-1]).sum(1)  # (2, E)
         dx = _normalise_backward(g * w_b, n, r)  # (2, B', K, L, E)
         dq, dk = dx[0].to(ctx.in_dtypes[0]), dx[1].to(ctx.in_dtypes[1])
-        return dq, dk, None if dw is None else dw[0], None if dw is None else dw[1], None, None, None
+        return dq, dk, None if dw is None else dw[0], None if dw is None else dw[1], None, None, None, None
 
 
 def qk_norm_rope_fast(
@@ -247,18 +252,98 @@ def qk_norm_rope_fast(
     w_k: Tensor,
     eps: float | None = None,
     rope: tuple[Tensor, Tensor] | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """RMSNorm of queries and keys (own weights), then RoPE if given, as one autograd node.
+    """RMSNorm of queries and keys (own weights), then RoPE if given, as one autograd node (math in fp32).
 
     Args:
         q, k: (B', K, L, E) any strides, fp32 or bf16.
         w_q, w_k: (E,) RMSNorm weights.
         eps: RMSNorm epsilon (None: fp32's machine epsilon).
         rope: optional (cos, sin) tables, each (L, E).
+        out_dtype: dtype of the results.
 
     Returns:
-        q, k: (B', K, L, E) float32. Same values as ``apply_rope(F.rms_norm(q, (E,), w_q, eps), *rope)``.
+        q, k: (B', K, L, E) in ``out_dtype``. Same values as ``apply_rope(F.rms_norm(q, (E,), w_q, eps), *rope)``.
     """
     eps = torch.finfo(torch.float32).eps if eps is None else eps
     cos, sin = rope if rope is not None else (None, None)
-    return _QKNormRoPE.apply(q, k, w_q, w_k, eps, cos, sin).unbind(0)
+    return _QKNormRoPE.apply(q, k, w_q, w_k, eps, cos, sin, out_dtype).unbind(0)
+
+
+# ---- short-sequence attention -----------------------------------------------------------------------------
+
+# Largest L * S (query x key length) that takes :func:`short_attention`: its probabilities (B', K, L, S) are kept
+# for backward, which at L = S = 128 is 16x the size of q. Measured forward + backward on the 2-core CPU, bf16
+# (B' K = 256, E = 32): L = S = 64: 1.7 ms against 5.4 ms for PyTorch's flash attention in fp32 (18 ms in bf16);
+# L = S = 128: 6.2 ms against 15 ms; at L = S = 256 the two are even (49 vs 50 ms).
+SHORT_ATTENTION_MAX_LS = 128 * 128
+
+
+def short_attention_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether :func:`short_attention` is the CPU attention for these (B', K, L|S, E) tensors: bf16, short.
+
+    fp32 keeps PyTorch's kernel. There the short path only gains on very short keys (temporal attention, 8 keys:
+    2.6 against 3.9 ms; at 64 tokens the two are even), about 3% of a reference fp32 step, and changing fp32
+    rounding moves this project's seed-sensitive CPU learning tests and demo (the robot fine-tune test's rollout
+    PSNR went from 17.0 to 13.7 dB with it), which all train in fp32.
+    """
+    if not (use_cpu_ops(v) and q.dtype == k.dtype == v.dtype == torch.bfloat16):
+        return False
+    return q.shape[-2] * k.shape[-2] <= SHORT_ATTENTION_MAX_LS
+
+
+class _ShortAttention(torch.autograd.Function):
+    """softmax(q k^T * scale, masked) v for short sequences, every tensor in q's dtype (the softmax and its
+    backward accumulate in fp32 internally), probabilities (G, L, S) kept for backward.
+
+    Works on (G, L, E) x (G, S, E), G = B' * K heads.
+    """
+
+    @staticmethod
+    def forward(ctx, q_GLE, k_GSE, v_GSE, allowed_LS, scale):  # noqa: D102
+        s_GLS = torch.baddbmm(q_GLE.new_empty(()), q_GLE, k_GSE.transpose(1, 2), beta=0.0, alpha=scale)
+        if allowed_LS is not None:
+            s_GLS.masked_fill_(~allowed_LS, float("-inf"))
+        p_GLS = torch.softmax(s_GLS, dim=-1)
+        ctx.save_for_backward(q_GLE, k_GSE, v_GSE, p_GLS)
+        ctx.scale = scale
+        return torch.bmm(p_GLS, v_GSE)
+
+    @staticmethod
+    def backward(ctx, dy_GLE):  # noqa: D102
+        q_GLE, k_GSE, v_GSE, p_GLS = ctx.saved_tensors
+        dy_GLE = dy_GLE.contiguous()
+        dv = torch.bmm(p_GLS.transpose(1, 2), dy_GLE)  # (G, S, E)
+        dp_GLS = torch.bmm(dy_GLE, v_GSE.transpose(1, 2))
+        # softmax backward, ds = p * (dp - <dp, p>), one fused pass (fp32 accumulation for bf16)
+        ds_GLS = torch._softmax_backward_data(dp_GLS, p_GLS, -1, p_GLS.dtype)
+        dq = torch.baddbmm(q_GLE.new_empty(()), ds_GLS, k_GSE, beta=0.0, alpha=ctx.scale)  # (G, L, E)
+        dk = torch.baddbmm(q_GLE.new_empty(()), ds_GLS.transpose(1, 2), q_GLE, beta=0.0, alpha=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def short_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """Attention for short sequences on the CPU, as ``F.scaled_dot_product_attention`` (no dropout).
+
+    PyTorch's CPU flash attention works in blocks sized for long sequences; at the ST transformer's lengths
+    (64 tokens per frame, 8-16 frames) plain batched products with the probabilities kept are up to 1.5x faster
+    in fp32 and 3-8x faster in bf16, which the flash kernel runs slower than fp32. In bf16 the scores and
+    probabilities are bf16 (the softmax and its backward accumulate in fp32), as in attention written out under
+    autocast.
+
+    Args:
+        q: (B', K, L, E) queries;  k, v: (B', K, S, E) keys and values, all one dtype.
+        mask: optional boolean (L, S), True where a query may attend a key (every row needs one True).
+        causal: mask with the causal (upper-left aligned, as SDPA's ``is_causal``) triangle instead.
+
+    Returns:
+        (B', K, L, E), in q's dtype.
+    """
+    *lead, L, E = q.shape
+    S = k.shape[-2]
+    if causal:
+        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril_()
+    with torch.autocast("cpu", enabled=False):  # the inputs share a dtype already; keep the products in it
+        y_GLE = _ShortAttention.apply(q.reshape(-1, L, E), k.reshape(-1, S, E), v.reshape(-1, S, E), mask, E**-0.5)
+    return y_GLE.view(*lead, L, E)

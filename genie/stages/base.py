@@ -28,6 +28,7 @@ from genie.data.loader import total_skipped
 from genie.models.blocks import STBlock, STTransformer
 from genie.models.hub import GeniePreTrainedModel, model_fields
 from genie.models.quantizer import VectorQuantizer
+from genie.runtime import flush_denormals
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,7 @@ class StageModule(L.LightningModule):
         self._param_ndim = {_clean_name(n): p.ndim for n, p in self.named_parameters()}
 
     def on_fit_start(self) -> None:
-        # subnormal floats are 10-100x slower on CPUs, and real frames produce them (see genie.cli.flush_denormals)
-        torch.set_flush_denormal(True)
+        flush_denormals()  # subnormal floats are 10-100x slower on CPUs, and real frames produce them
         # under FSDP the codebook is a view of a gathered, temporary parameter inside forward: dead-code restarts
         # wait until after the optimizer step (on_train_batch_end writes them into every shard)
         self._quantizers = [m for m in self.modules() if isinstance(m, VectorQuantizer)]

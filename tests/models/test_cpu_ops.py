@@ -12,10 +12,11 @@ pytestmark = pytest.mark.skipif(not cpu_ops.onednn_available(), reason="PyTorch 
 
 def graph_names(t):
     """Names of the autograd nodes behind ``t``."""
-    names, todo = set(), [t.grad_fn]
+    names, seen, todo = set(), set(), [t.grad_fn]
     while todo:
         node = todo.pop()
-        if node is not None and type(node).__name__ not in names:
+        if node is not None and node not in seen:
+            seen.add(node)
             names.add(type(node).__name__)
             todo.extend(n for n, _ in node.next_functions)
     return names
@@ -111,3 +112,83 @@ def test_onednn_linear_survives_torch_compile():
     for a, r in zip(fast, ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_qk_norm_rope_can_return_bf16():
+    """``out_dtype`` only rounds the fp32 result: the bf16 output is the fp32 output cast, gradients flow."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(3, 2, 5, 8, generator=g, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    w = torch.ones(8)
+    rope = rope_cos_sin(0, 5, 8, 10000.0, torch.device("cpu"))
+    q16, k16 = cpu_ops.qk_norm_rope_fast(q, k, w, w, 1e-6, rope, out_dtype=torch.bfloat16)
+    q32, k32 = cpu_ops.qk_norm_rope_fast(q, k, w, w, 1e-6, rope)
+    assert q16.dtype == k16.dtype == torch.bfloat16
+    torch.testing.assert_close(q16, q32.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(k16, k32.bfloat16(), rtol=0, atol=0)
+    (q16.float().sum() + k16.float().square().sum()).backward()
+    assert q.grad is not None and k.grad is not None and k.grad.abs().sum() > 0
+
+
+def _attention_inputs(dtype, L, S, G=(3, 2), E=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*G, L, E, generator=g)
+    k, v = (torch.randn(*G, S, E, generator=g) for _ in range(2))
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("masking", ["none", "causal", "window"])
+def test_short_attention_matches_sdpa_fp32(masking):
+    """Values and q/k/v gradients equal SDPA's, with no mask, the causal mask and a windowed (cache) mask."""
+    L, S = (5, 9) if masking == "window" else (7, 7)
+    mask = None
+    if masking == "window":  # 4 cached + 5 new frames, window of 6 frames (as TemporalAttention builds it)
+        dist = torch.arange(4, 9)[:, None] - torch.arange(0, 9)
+        mask = (dist >= 0) & (dist < 6)
+    causal = masking == "causal"
+    inputs = _attention_inputs(torch.float32, L, S)
+    fast = grads(lambda q, k, v: cpu_ops.short_attention(q, k, v, mask, causal), *inputs)
+    ref = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal), *inputs)
+    for a, r in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_short_attention_bf16_is_close_to_fp32():
+    """bf16 inputs: within bf16 rounding of the fp32 result, in value and gradients (and bf16 throughout)."""
+    inputs = _attention_inputs(torch.bfloat16, 64, 64, G=(4, 2), E=32)
+    fast = grads(lambda q, k, v: cpu_ops.short_attention(q, k, v), *inputs)
+    ref = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *[t.float() for t in inputs])
+    for a, r in zip(fast, ref, strict=True):
+        assert a.dtype == torch.bfloat16
+        err = (a.float() - r).abs().max() / r.abs().max()
+        assert err < 2e-2, err
+
+
+def test_short_attention_applies_only_where_it_is_faster():
+    def qkv(dtype, L, S):
+        return torch.zeros(2, 4, L, 32, dtype=dtype), *(torch.zeros(2, 4, S, 32, dtype=dtype) for _ in range(2))
+
+    assert cpu_ops.short_attention_applies(*qkv(torch.bfloat16, 64, 64))  # spatial, 8x8 tokens
+    assert cpu_ops.short_attention_applies(*qkv(torch.bfloat16, 128, 128))
+    assert not cpu_ops.short_attention_applies(*qkv(torch.bfloat16, 256, 256))  # flash attention wins
+    assert not cpu_ops.short_attention_applies(*qkv(torch.float32, 8, 8))  # fp32 keeps SDPA
+    assert not cpu_ops.short_attention_applies(*qkv(torch.float64, 8, 8))  # exactness tests keep SDPA
+    q, k, v = qkv(torch.bfloat16, 8, 8)
+    assert not cpu_ops.short_attention_applies(q.float(), k, v)  # mixed dtypes
+
+
+def test_attention_layer_takes_short_path_on_cpu_and_sdpa_with_dropout():
+    """The ST block's attention: no dropout -> the short path (same output as SDPA); dropout in training -> SDPA."""
+    from genie.models.blocks import Attention, STTransformerConfig
+
+    attn = Attention(STTransformerConfig(width=32, num_heads=2, dropout=0.0)).to(torch.bfloat16)
+    q, k, v = _attention_inputs(torch.bfloat16, 6, 6, G=(3, 2))
+    with torch.no_grad():
+        y = attn.attend(q, k, v, causal=True)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+        torch.testing.assert_close(y, attn.proj(ref.transpose(1, 2).reshape(3, 6, 32)), rtol=2e-2, atol=2e-2)
+    attn.dropout = 0.5
+    attn.train()
+    names = graph_names(attn.attend(q, k, v, causal=True))
+    assert not any("ShortAttention" in n for n in names)
+    attn.eval()
+    assert any("ShortAttention" in n for n in graph_names(attn.attend(q, k, v, causal=True)))

@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from genie.models.cpu_ops import (
     Linear,
     apply_rope_fast,
-    qk_norm_rope_fast,
+    qkv_heads_fast,
     short_attention,
     short_attention_applies,
     use_cpu_ops,
@@ -183,7 +183,7 @@ class QKNorm(nn.RMSNorm):
 
     On the CPU the input is made contiguous first: torch 2.13's CPU ``rms_norm`` takes a slow path on strided
     per-head views (13.8 ms against 0.1 ms for a (512, 4, 3, 24) tensor, forward alone). (The attention layers
-    do not call this on the CPU: they normalise and rotate q and k in one node, ``qk_norm_rope_fast``.)
+    do not call this on the CPU: they split, normalise and rotate q and k in one node, ``qkv_heads_fast``.)
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -212,15 +212,17 @@ class Attention(nn.Module):
     def qkv_heads(self, x_BLD: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Project and split into (QK-normalised, then RoPE-rotated if ``rope``) heads: q, k, v each (B', K, L, E),
         all in v's dtype (bf16 under autocast; the norms and rotations themselves run in fp32 on the CPU)."""
-        qkv = rearrange(self.qkv(x_BLD), "b l (three k e) -> three b k l e", three=3, k=self.num_heads)
+        qkv_BLX = self.qkv(x_BLD)  # X = 3 * D
+        if use_cpu_ops(qkv_BLX) and isinstance(self.q_norm, QKNorm):
+            # one autograd node for the split, both norms and both rotations (genie/models/cpu_ops.py)
+            w_q, w_k, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+            return qkv_heads_fast(qkv_BLX, self.num_heads, w_q, w_k, eps, rope)
+        qkv = rearrange(qkv_BLX, "b l (three k e) -> three b k l e", three=3, k=self.num_heads)
         # unbind, not qkv[0], qkv[1], qkv[2]: each index's backward zero-fills a full (3, B', K, L, E) gradient
         # (measured on the CPU: ~2.5 ms per attention layer, ~15% of a reference-config training step)
         q, k, v = qkv.unbind(0)
-        if use_cpu_ops(q):  # one autograd node for both norms and both rotations (genie/models/cpu_ops.py)
-            if isinstance(self.q_norm, QKNorm):
-                w_q, w_k, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
-                q, k = qk_norm_rope_fast(q, k, w_q, w_k, eps, rope, out_dtype=v.dtype)
-            elif rope is not None:
+        if use_cpu_ops(q):
+            if rope is not None:
                 q, k = apply_rope_fast(q, *rope).to(v.dtype), apply_rope_fast(k, *rope).to(v.dtype)
             return q, k, v
         q, k = self.q_norm(q), self.k_norm(k)

@@ -17,8 +17,9 @@ autocast, and a profile put the time in three places that PyTorch's generic CPU 
   oneDNN is weakest, ~280 GFLOP/s) it puts the smaller of O, I on the output's rows. All fp32 math.
 * **QK RMSNorm and RoPE.** Autograd runs ``F.rms_norm`` on the CPU as ~6 forward and ~12 backward elementwise
   ops over (B', K, L, E) tensors, and ``x * cos + cat(-x2, x1) * sin`` as 5 passes each way plus a mixed-dtype
-  multiply under bf16; :func:`qk_norm_rope_fast` does both norms and both rotations as one autograd node with
-  a hand-written backward, in fp32 (:func:`apply_rope_fast`, 3 passes each way, rotates without a norm).
+  multiply under bf16; :func:`qkv_heads_fast` does the head split, both norms and both rotations as one
+  autograd node with a hand-written backward, in fp32 (:func:`apply_rope_fast`, 3 passes each way, rotates
+  without a norm).
 * **Attention over short sequences.** PyTorch's CPU flash kernel is built for long sequences; for the ST
   transformer's 64 tokens a frame and 8-16 frames, :func:`short_attention` (batched products, probabilities
   kept for backward) is 1.5-3x faster, and in bf16, where the flash kernel is slower than in fp32, 3-8x.
@@ -204,71 +205,104 @@ def _rope_tables(w_SE: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> tuple[Tensor, 
     return w_SE[:, None] * cos_TE, swapped_SE[:, None] * sin_TE
 
 
-class _QKNormRoPE(torch.autograd.Function):
-    """z = rope(rms_norm(x) * w) for queries and keys stacked as one (2, B', K, L, E) fp32 tensor."""
+def _qk_forward(ctx, x: Tensor, w_q: Tensor, w_k: Tensor, eps: float, cos_TE, sin_TE) -> Tensor:
+    """z = rope(rms_norm(x) * w) of stacked queries and keys x (2, B', K, L, E) fp32, normalised in place;
+    saves what :func:`_qk_backward` needs on ``ctx``."""
+    E = x.shape[-1]
+    n, r = _normalise_(x, eps)  # in place; r (2, ..., 1)
+    w_SE = torch.stack((w_q, w_k)).float()  # (2, E)
+    lead = (1,) * (x.dim() - 3)  # broadcast over B', K
+    if cos_TE is None:
+        w_b = w_SE.view(2, *lead, 1, E)
+        z = n * w_b
+        ctx.save_for_backward(n, r, w_b)
+    else:
+        a, b = _rope_tables(w_SE, cos_TE.float(), sin_TE.float())  # (2, T, E) each
+        z = _rotate(n, a.view(2, *lead, *a.shape[1:]), b.view(2, *lead, *b.shape[1:]), 1.0)
+        ctx.save_for_backward(n, r, w_SE.view(2, *lead, 1, E), cos_TE.float(), sin_TE.float())
+    ctx.rope = cos_TE is not None
+    return z
+
+
+def _qk_backward(ctx, dz: Tensor, need_dw: bool) -> tuple[Tensor, Tensor | None]:
+    """Gradients of :func:`_qk_forward`: dz (2, B', K, L, E) fp32 -> dx (same shape, fp32), dw (2, E) or None."""
+    if ctx.rope:
+        n, r, w_b, cos_TE, sin_TE = ctx.saved_tensors
+        g = _rotate(dz, cos_TE, sin_TE, -1.0)  # grad w.r.t. n * w (the transposed rotation)
+    else:
+        n, r, w_b = ctx.saved_tensors
+        g = dz
+    dw = (g * n).reshape(2, -1, n.shape[-1]).sum(1) if need_dw else None  # (2, E)
+    return _normalise_backward(g * w_b, n, r), dw
+
+
+class _QKVHeads(torch.autograd.Function):
+    """The fused qkv projection's output (B', L, 3 * K * E) -> heads q, k, v, each contiguous (B', K, L, E) in the
+    projection's dtype, q and k RMS-normalised (own weights) and RoPE-rotated in fp32.
+
+    The backward writes the projection's gradient straight into its (B', L, 3 * K * E) layout: autograd's own
+    split would stack the three head gradients and then copy them again to undo the head transpose.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, w_q, w_k, eps, cos_TE, sin_TE, out_dtype):  # noqa: D102
-        E = q.shape[-1]
-        x = torch.empty((2, *q.shape), dtype=torch.float32, device=q.device)  # (2, B', K, L, E)
-        x[0].copy_(q)  # one strided read + cast per tensor
-        x[1].copy_(k)
-        n, r = _normalise_(x, eps)  # in place; r (2, ..., 1)
-        w_SE = torch.stack((w_q, w_k)).float()  # (2, E)
-        lead = (1,) * (q.dim() - 2)  # broadcast over B', K
-        if cos_TE is None:
-            w_b = w_SE.view(2, *lead, 1, E)
-            z = n * w_b
-            ctx.save_for_backward(n, r, w_b)
+    def forward(ctx, qkv_BLX, num_heads, w_q, w_k, eps, cos_TE, sin_TE):  # noqa: D102
+        Bp, L, X = qkv_BLX.shape
+        heads = qkv_BLX.view(Bp, L, 3, num_heads, X // (3 * num_heads)).permute(2, 0, 3, 1, 4)  # (3, B', K, L, E)
+        x = torch.empty(heads[:2].shape, dtype=torch.float32, device=qkv_BLX.device)  # (2, B', K, L, E)
+        x.copy_(heads[:2])  # one strided read + cast for queries and keys
+        z = _qk_forward(ctx, x, w_q, w_k, eps, cos_TE, sin_TE)
+        if z.dtype == qkv_BLX.dtype:
+            q, k = z.unbind(0)
         else:
-            a, b = _rope_tables(w_SE, cos_TE.float(), sin_TE.float())  # (2, T, E) each
-            z = _rotate(n, a.view(2, *lead, *a.shape[1:]), b.view(2, *lead, *b.shape[1:]), 1.0)
-            ctx.save_for_backward(n, r, w_SE.view(2, *lead, 1, E), cos_TE.float(), sin_TE.float())
-        ctx.rope = cos_TE is not None
-        ctx.in_dtypes = (q.dtype, k.dtype)
-        return z.to(out_dtype)
+            q, k = z[0].to(qkv_BLX.dtype), z[1].to(qkv_BLX.dtype)
+        ctx.shape = heads.shape
+        return q, k, heads[2].contiguous()
 
     @staticmethod
-    def backward(ctx, dz):  # noqa: D102
-        dz = dz.float()  # one cast here, not mixed-dtype arithmetic below
-        if ctx.rope:
-            n, r, w_b, cos_TE, sin_TE = ctx.saved_tensors
-            g = _rotate(dz, cos_TE, sin_TE, -1.0)  # grad w.r.t. n * w (the transposed rotation)
+    def backward(ctx, dq, dk, dv):  # noqa: D102
+        _, Bp, K, L, E = ctx.shape
+        given = next(d for d in (dv, dq, dk) if d is not None)  # (ctx.saved_tensors may be read only once)
+        alloc = torch.empty if dq is not None and dk is not None else torch.zeros
+        dz = alloc((2, Bp, K, L, E), dtype=torch.float32, device=given.device)
+        for i, d in enumerate((dq, dk)):
+            if d is not None:
+                dz[i].copy_(d)
+        dx, dw = _qk_backward(ctx, dz, ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        dqkv = torch.empty((Bp, L, 3, K, E), dtype=given.dtype, device=given.device)
+        dheads = dqkv.permute(2, 0, 3, 1, 4)  # (3, B', K, L, E) view
+        dheads[:2].copy_(dx)
+        if dv is None:
+            dheads[2].zero_()
         else:
-            n, r, w_b = ctx.saved_tensors
-            g = dz
-        dw = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dw = (g * n).reshape(2, -1, n.shape[-1]).sum(1)  # (2, E)
-        dx = _normalise_backward(g * w_b, n, r)  # (2, B', K, L, E)
-        dq, dk = dx[0].to(ctx.in_dtypes[0]), dx[1].to(ctx.in_dtypes[1])
-        return dq, dk, None if dw is None else dw[0], None if dw is None else dw[1], None, None, None, None
+            dheads[2].copy_(dv)
+        dw_q, dw_k = (None, None) if dw is None else dw.unbind(0)
+        return dqkv.view(Bp, L, 3 * K * E), None, dw_q, dw_k, None, None, None
 
 
-def qk_norm_rope_fast(
-    q: Tensor,
-    k: Tensor,
+def qkv_heads_fast(
+    qkv_BLX: Tensor,
+    num_heads: int,
     w_q: Tensor,
     w_k: Tensor,
     eps: float | None = None,
     rope: tuple[Tensor, Tensor] | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor]:
-    """RMSNorm of queries and keys (own weights), then RoPE if given, as one autograd node (math in fp32).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Split a fused qkv projection into heads; RMSNorm q and k (own weights), then RoPE if given: one autograd node.
 
     Args:
-        q, k: (B', K, L, E) any strides, fp32 or bf16.
+        qkv_BLX: (B', L, 3 * K * E) the projection's output ([q | k | v], each head-major), fp32 or bf16.
+        num_heads: K.
         w_q, w_k: (E,) RMSNorm weights.
         eps: RMSNorm epsilon (None: fp32's machine epsilon).
         rope: optional (cos, sin) tables, each (L, E).
-        out_dtype: dtype of the results.
 
     Returns:
-        q, k: (B', K, L, E) in ``out_dtype``. Same values as ``apply_rope(F.rms_norm(q, (E,), w_q, eps), *rope)``.
+        q, k, v: each (B', K, L, E) contiguous, in ``qkv_BLX``'s dtype (q and k computed in fp32). The same
+        values as ``apply_rope(F.rms_norm(q, (E,), w_q, eps), *rope)`` for q, likewise k, and v as split.
     """
     eps = torch.finfo(torch.float32).eps if eps is None else eps
     cos, sin = rope if rope is not None else (None, None)
-    return _QKNormRoPE.apply(q, k, w_q, w_k, eps, cos, sin, out_dtype).unbind(0)
+    return _QKVHeads.apply(qkv_BLX, num_heads, w_q, w_k, eps, cos, sin)
 
 
 # ---- short-sequence attention -----------------------------------------------------------------------------

@@ -72,61 +72,41 @@ def test_rope_matches_reference():
 
 @pytest.mark.parametrize("with_rope", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qk_norm_rope_matches_separate_ops(with_rope, dtype):
-    """One node for both norms and rotations == rms_norm then RoPE, in value and every gradient."""
+def test_qkv_heads_match_split_norm_rope(with_rope, dtype):
+    """One node for the head split, both norms and both rotations == rearrange + rms_norm + RoPE, in value and in
+    every gradient (including v's and the unused-output case)."""
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(6, 3, 4, 7, 16, generator=g).to(dtype).requires_grad_()  # (B', 3, K, L, E) as projected
-    w_q = (1 + 0.1 * torch.randn(16, generator=g)).requires_grad_()
-    w_k = (1 + 0.1 * torch.randn(16, generator=g)).requires_grad_()
-    rope = rope_cos_sin(2, 7, 16, 10000.0, torch.device("cpu")) if with_rope else None
+    K, L, E = 3, 7, 16
+    qkv = torch.randn(6, L, 3 * K * E, generator=g).to(dtype).requires_grad_()  # (B', L, 3 K E) as projected
+    w_q = (1 + 0.1 * torch.randn(E, generator=g)).requires_grad_()
+    w_k = (1 + 0.1 * torch.randn(E, generator=g)).requires_grad_()
+    rope = rope_cos_sin(2, L, E, 10000.0, torch.device("cpu")) if with_rope else None
 
     def fast(qkv, w_q, w_k):
-        return torch.stack(cpu_ops.qk_norm_rope_fast(qkv[:, 0], qkv[:, 1], w_q, w_k, 1e-6, rope))
+        q, k, v = cpu_ops.qkv_heads_fast(qkv, K, w_q, w_k, 1e-6, rope)
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        assert q.dtype == k.dtype == v.dtype == dtype
+        return torch.stack((q.float(), k.float(), v.float()))
 
     def ref(qkv, w_q, w_k):
-        q = F.rms_norm(qkv[:, 0].float(), (16,), w_q, 1e-6)
-        k = F.rms_norm(qkv[:, 1].float(), (16,), w_k, 1e-6)
+        q, k, v = qkv.view(6, L, 3, K, E).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = F.rms_norm(q.float(), (E,), w_q, 1e-6), F.rms_norm(k.float(), (E,), w_k, 1e-6)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return torch.stack((q, k))
+        return torch.stack((q.to(dtype).float(), k.to(dtype).float(), v.float()))
 
     out_fast, *grads_fast = grads(fast, qkv, w_q, w_k)
     out_ref, *grads_ref = grads(ref, qkv, w_q, w_k)
-    assert out_fast.dtype == torch.float32 and grads_fast[0].dtype == dtype
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+    assert grads_fast[0].dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for a, r in zip(grads_fast, grads_ref, strict=True):
         torch.testing.assert_close(a, r.to(a.dtype), **tol)
-
-
-def test_onednn_linear_survives_torch_compile():
-    """Under torch.compile the op stays one opaque call with its own backward: same values and gradients."""
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 32, generator=g, requires_grad=True)
-    w = torch.randn(16, 32, generator=g, requires_grad=True)
-    b = torch.randn(16, generator=g, requires_grad=True)
-    compiled = torch.compile(lambda x, w, b: torch.nn.functional.gelu(cpu_ops.linear(x, w, b)), backend="aot_eager")
-    fast = grads(compiled, x, w, b)
-    ref = grads(lambda x, w, b: torch.nn.functional.gelu(F.linear(x, w, b)), x, w, b)
-    for a, r in zip(fast, ref, strict=True):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
-    torch._dynamo.reset()
-
-
-def test_qk_norm_rope_can_return_bf16():
-    """``out_dtype`` only rounds the fp32 result: the bf16 output is the fp32 output cast, gradients flow."""
-    g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(3, 2, 5, 8, generator=g, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
-    w = torch.ones(8)
-    rope = rope_cos_sin(0, 5, 8, 10000.0, torch.device("cpu"))
-    q16, k16 = cpu_ops.qk_norm_rope_fast(q, k, w, w, 1e-6, rope, out_dtype=torch.bfloat16)
-    q32, k32 = cpu_ops.qk_norm_rope_fast(q, k, w, w, 1e-6, rope)
-    assert q16.dtype == k16.dtype == torch.bfloat16
-    torch.testing.assert_close(q16, q32.bfloat16(), rtol=0, atol=0)
-    torch.testing.assert_close(k16, k32.bfloat16(), rtol=0, atol=0)
-    (q16.float().sum() + k16.float().square().sum()).backward()
-    assert q.grad is not None and k.grad is not None and k.grad.abs().sum() > 0
+    # only k used: q's and v's parts of the projection's gradient are zero
+    _, k, _ = cpu_ops.qkv_heads_fast(qkv, K, w_q, w_k, 1e-6, rope)
+    (dqkv,) = torch.autograd.grad(k.float().sum(), qkv)
+    parts = dqkv.view(6, L, 3, K, E)
+    assert parts[:, :, 0].abs().max() == 0 and parts[:, :, 2].abs().max() == 0 and parts[:, :, 1].abs().max() > 0
 
 
 def _attention_inputs(dtype, L, S, G=(3, 2), E=16, seed=0):

@@ -26,8 +26,8 @@ autocast, and a profile put the time in three places that PyTorch's generic CPU 
 
 Each is used only for CPU tensors (and outside ``torch.compile``, which fuses these itself); on a GPU the
 model calls ``F.linear``, the fused ``F.rms_norm`` kernel and the plain RoPE. Each matches its reference to
-fp32 rounding in value and gradient (tests/models/test_cpu_ops.py). Speed before -> after is in
-docs/architecture.md ("Measured").
+fp32 rounding in value and gradient (short attention in bf16: to bf16 rounding; tests/models/test_cpu_ops.py).
+Speed before -> after is in docs/architecture.md ("Measured").
 """
 
 from __future__ import annotations
@@ -205,37 +205,6 @@ def _rope_tables(w_SE: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> tuple[Tensor, 
     return w_SE[:, None] * cos_TE, swapped_SE[:, None] * sin_TE
 
 
-def _qk_forward(ctx, x: Tensor, w_q: Tensor, w_k: Tensor, eps: float, cos_TE, sin_TE) -> Tensor:
-    """z = rope(rms_norm(x) * w) of stacked queries and keys x (2, B', K, L, E) fp32, normalised in place;
-    saves what :func:`_qk_backward` needs on ``ctx``."""
-    E = x.shape[-1]
-    n, r = _normalise_(x, eps)  # in place; r (2, ..., 1)
-    w_SE = torch.stack((w_q, w_k)).float()  # (2, E)
-    lead = (1,) * (x.dim() - 3)  # broadcast over B', K
-    if cos_TE is None:
-        w_b = w_SE.view(2, *lead, 1, E)
-        z = n * w_b
-        ctx.save_for_backward(n, r, w_b)
-    else:
-        a, b = _rope_tables(w_SE, cos_TE.float(), sin_TE.float())  # (2, T, E) each
-        z = _rotate(n, a.view(2, *lead, *a.shape[1:]), b.view(2, *lead, *b.shape[1:]), 1.0)
-        ctx.save_for_backward(n, r, w_SE.view(2, *lead, 1, E), cos_TE.float(), sin_TE.float())
-    ctx.rope = cos_TE is not None
-    return z
-
-
-def _qk_backward(ctx, dz: Tensor, need_dw: bool) -> tuple[Tensor, Tensor | None]:
-    """Gradients of :func:`_qk_forward`: dz (2, B', K, L, E) fp32 -> dx (same shape, fp32), dw (2, E) or None."""
-    if ctx.rope:
-        n, r, w_b, cos_TE, sin_TE = ctx.saved_tensors
-        g = _rotate(dz, cos_TE, sin_TE, -1.0)  # grad w.r.t. n * w (the transposed rotation)
-    else:
-        n, r, w_b = ctx.saved_tensors
-        g = dz
-    dw = (g * n).reshape(2, -1, n.shape[-1]).sum(1) if need_dw else None  # (2, E)
-    return _normalise_backward(g * w_b, n, r), dw
-
-
 class _QKVHeads(torch.autograd.Function):
     """The fused qkv projection's output (B', L, 3 * K * E) -> heads q, k, v, each contiguous (B', K, L, E) in the
     projection's dtype, q and k RMS-normalised (own weights) and RoPE-rotated in fp32.
@@ -250,7 +219,19 @@ class _QKVHeads(torch.autograd.Function):
         heads = qkv_BLX.view(Bp, L, 3, num_heads, X // (3 * num_heads)).permute(2, 0, 3, 1, 4)  # (3, B', K, L, E)
         x = torch.empty(heads[:2].shape, dtype=torch.float32, device=qkv_BLX.device)  # (2, B', K, L, E)
         x.copy_(heads[:2])  # one strided read + cast for queries and keys
-        z = _qk_forward(ctx, x, w_q, w_k, eps, cos_TE, sin_TE)
+        # z = rope(rms_norm(x) * w), queries and keys stacked
+        E = x.shape[-1]
+        n, r = _normalise_(x, eps)  # in place; r (2, B', K, L, 1)
+        w_SE = torch.stack((w_q, w_k)).float()  # (2, E)
+        if cos_TE is None:
+            w_b = w_SE.view(2, 1, 1, 1, E)
+            z = n * w_b
+            ctx.save_for_backward(n, r, w_b)
+        else:
+            a, b = _rope_tables(w_SE, cos_TE.float(), sin_TE.float())  # (2, T, E) each
+            z = _rotate(n, a.view(2, 1, 1, *a.shape[1:]), b.view(2, 1, 1, *b.shape[1:]), 1.0)
+            ctx.save_for_backward(n, r, w_SE.view(2, 1, 1, 1, E), cos_TE.float(), sin_TE.float())
+        ctx.rope = cos_TE is not None
         if z.dtype == qkv_BLX.dtype:
             q, k = z.unbind(0)
         else:
@@ -267,7 +248,16 @@ class _QKVHeads(torch.autograd.Function):
         for i, d in enumerate((dq, dk)):
             if d is not None:
                 dz[i].copy_(d)
-        dx, dw = _qk_backward(ctx, dz, ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        if ctx.rope:
+            n, r, w_b, cos_TE, sin_TE = ctx.saved_tensors
+            g = _rotate(dz, cos_TE, sin_TE, -1.0)  # grad w.r.t. n * w (the transposed rotation)
+        else:
+            n, r, w_b = ctx.saved_tensors
+            g = dz
+        dw = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dw = (g * n).reshape(2, -1, E).sum(1)  # (2, E)
+        dx = _normalise_backward(g * w_b, n, r)  # (2, B', K, L, E)
         dqkv = torch.empty((Bp, L, 3, K, E), dtype=given.dtype, device=given.device)
         dheads = dqkv.permute(2, 0, 3, 1, 4)  # (3, B', K, L, E) view
         dheads[:2].copy_(dx)

@@ -97,22 +97,39 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 class TimeSchedule:
-    """LR multiplier with linear warmup over steps, then cosine decay over wall-clock seconds.
+    """LR multiplier with linear warmup over steps, then cosine decay over wall-clock seconds of training.
 
-    The clock starts at the first call (the first optimizer step). Picklable (a plain object, no lambda).
+    The clock starts at the first call (LambdaLR makes it when built) and counts the seconds between calls into
+    ``elapsed``. ``LambdaLR.state_dict`` saves this object's ``__dict__``, so ``elapsed`` travels with a checkpoint
+    and a resumed run goes on from the budget already spent. The timestamp of the last call is a slot, outside
+    ``__dict__``: a ``time.monotonic()`` reading means nothing in another process, and leaving it out of the saved
+    state also keeps the time between the two processes out of the budget. Picklable (a plain object, no lambda).
     """
+
+    # "_last" is a slot so that it never reaches LambdaLR's state dict (which copies __dict__ only)
+    __slots__ = ("__dict__", "_last")
 
     def __init__(self, warmup_steps: int, budget_seconds: float, min_ratio: float):
         self.warmup_steps, self.budget_seconds, self.min_ratio = warmup_steps, budget_seconds, min_ratio
-        self.start: float | None = None
+        self.elapsed = 0.0  # seconds of training counted so far (persisted)
+        self._last: float | None = None  # monotonic time of the last call, in this process only
 
     def __call__(self, step: int) -> float:
         now = time.monotonic()
-        if self.start is None:
-            self.start = now
+        if self._last is not None:
+            self.elapsed += max(0.0, now - self._last)
+        self._last = now
         if step < self.warmup_steps:
             return (step + 1) / max(1, self.warmup_steps)
-        return cosine_ratio((now - self.start) / self.budget_seconds, self.min_ratio)
+        return cosine_ratio(self.elapsed / self.budget_seconds, self.min_ratio)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a pickled copy is another process too: the clock restarts there, the elapsed seconds stay
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._last = None
 
 
 class StageModule(L.LightningModule):

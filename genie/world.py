@@ -169,8 +169,15 @@ class World:
         return self.tokenizer.config.image_size
 
     def seed(self, seed: int | None) -> None:
-        """Seed the sampling (None: a fresh random seed). The same seed, prompt and actions give the same frames."""
-        self.generator.manual_seed(int(torch.seed()) if seed is None else seed)
+        """Seed the sampling (None: a fresh random seed). The same seed, prompt and actions give the same frames.
+
+        A fresh seed comes from OS entropy into this world's own generator: torch's global RNG (which the caller
+        may have seeded for something else) is neither read nor reseeded.
+        """
+        if seed is None:
+            self.generator.seed()  # not torch.seed(): that reseeds the global RNG as a side effect
+        else:
+            self.generator.manual_seed(seed)
 
     # -- checks ---------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from genie.cli import main
 from genie.models.sampler import SamplerConfig
@@ -48,6 +49,18 @@ def test_reset_step_shapes_and_seeded_sampling(bundle: Path):
     world.reset(frames(1)[0])
     other = np.stack([world.step(a) for a in (0, 3, 4, 1, 2, 2)])
     assert not np.array_equal(outs[0], other)  # the seed matters (temperature 1 sampling)
+
+
+def test_fresh_seed_leaves_the_global_rng_alone(bundle: Path):
+    """seed(None) (and a fork without a seed) draw from OS entropy, not by reseeding torch's global RNG."""
+    world = World.from_pretrained(bundle, seed=0)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    world.seed(None)
+    other = world.fork()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not torch.equal(world.generator.get_state(), other.generator.get_state())  # two fresh seeds differ
+    assert torch.rand(()).item() == torch.rand((), generator=torch.Generator().manual_seed(0)).item()
 
 
 def test_clip_prompt_and_infer_actions(bundle: Path):

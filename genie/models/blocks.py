@@ -34,6 +34,7 @@ its fused ``is_causal=True`` path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -158,6 +159,11 @@ def rope_cos_sin(
     # float64 models (exactness tests) keep float64 tables; everything else gets float32
     dtype = torch.float64 if dtype == torch.float64 else torch.float32
     return angles_TE.cos().to(device, dtype), angles_TE.sin().to(device, dtype)
+
+
+# Cached RoPE tables cover frames 0 .. at most this many (E = 64: 4 MiB of fp32 cos + sin per device); a stack
+# generating past it (hours of play) builds each forward's rows instead, as the tables grow with the frame index.
+ROPE_CACHE_MAX_FRAMES = 8192
 
 
 def apply_rope(x: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
@@ -352,6 +358,10 @@ class STTransformer(nn.Module):
         self.norm = nn.LayerNorm(config.width, bias=config.bias)
         self.apply(self._init_module)
         nn.init.normal_(self.pos_spatial_ND, std=0.02)
+        # RoPE tables of frames 0 .. L-1, by (device, table dtype): rows are sliced out, not rebuilt every forward.
+        # A plain attribute, not a buffer: outside the state dict, and FSDP (which flattens and shards buffers of
+        # its units) never sees it. Cleared by .to() and friends (see _apply); deepcopy copies it along.
+        self._rope_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def _init_module(self, module: nn.Module) -> None:
         # GPT-2 style: N(0, 0.02), residual output projections shrunk by the number of residual branches so
@@ -363,6 +373,36 @@ class STTransformer(nn.Module):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> STTransformer:
+        # .to() / .cuda() / .double() / FSDP's moves: tables on the old device (or of the old dtype) would only
+        # hold memory there; the next forward builds the ones it needs
+        self._rope_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def rope(self, start: int, T: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE tables (cos, sin), each (T, E), for frames start .. start+T-1 of inputs of ``dtype`` on ``device``.
+
+        Rows of a cached table of frames 0 .. L-1 (L a power of two, at least ``max_frames``, grown as generation
+        moves on), bitwise the rows :func:`rope_cos_sin` builds for the same frames.
+        """
+        head_dim, base = self.config.width // self.config.num_heads, self.config.rope_base
+        end = start + T
+        if torch.compiler.is_compiling() or end > ROPE_CACHE_MAX_FRAMES:
+            # compiled: a few constant ops inductor folds, and no module state mutated inside the graph
+            return rope_cos_sin(start, T, head_dim, base, device, dtype)
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # rope_cos_sin's choice
+        key = (device, table_dtype)
+        tables = self._rope_cache.get(key)
+        if tables is None or tables[0].shape[0] < end:
+            length = min(ROPE_CACHE_MAX_FRAMES, max(self.config.max_frames, 1 << (end - 1).bit_length()))
+            # ordinary tensors even when the first forward runs under inference mode (Lightning's validation,
+            # sanity check included): a training step saves them for backward, which inference tensors refuse
+            with torch.inference_mode(False):
+                tables = rope_cos_sin(0, length, head_dim, base, device, table_dtype)
+            self._rope_cache[key] = tables
+        cos, sin = tables
+        return cos[start:end], sin[start:end]
 
     def make_cache(self) -> KVCache:
         """An empty KV cache for incremental (frame-by-frame) inference with this stack."""
@@ -384,8 +424,7 @@ class STTransformer(nn.Module):
         T = x_BTND.shape[1]
         start = cache.num_frames if cache is not None else 0
         x_BTND = x_BTND + self.pos_spatial_ND.to(x_BTND.dtype)  # (N, D) broadcast over (B, T)
-        head_dim = self.config.width // self.config.num_heads
-        rope = rope_cos_sin(start, T, head_dim, self.config.rope_base, x_BTND.device, x_BTND.dtype)  # all layers
+        rope = self.rope(start, T, x_BTND.device, x_BTND.dtype)  # all layers
         ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if ckpt:

@@ -203,3 +203,53 @@ def test_qk_norm_hands_rms_norm_a_weight_in_the_input_dtype(monkeypatch):
     assert norm.weight.dtype == torch.float32  # the parameter itself stays fp32
     x = torch.randn(3, 8)
     assert torch.allclose(norm(x), real(x, (8,), norm.weight, norm.eps))
+
+
+def test_rope_tables_are_cached_per_device_and_dtype(monkeypatch):
+    """A forward reuses the stack's RoPE tables (built once), the outputs do not change, the state dict neither."""
+    from genie.models import blocks
+
+    builds = []
+    build = blocks.rope_cos_sin
+    monkeypatch.setattr(blocks, "rope_cos_sin", lambda *a, **kw: builds.append(a) or build(*a, **kw))
+    model = make_model()
+    keys = set(model.state_dict())
+    x = torch.randn(B, 5, N, D)
+    with torch.no_grad():
+        first = model(x)
+        tables = model._rope_cache[(x.device, torch.float32)]
+        second = model(x)
+    assert len(builds) == 1 and model._rope_cache[(x.device, torch.float32)] is tables  # the same table object
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    assert set(model.state_dict()) == keys and not any("rope" in k for k in keys)
+    # the rows of the cached table are bitwise the ones built for those frames alone
+    cos, sin = model.rope(3, 4, x.device, torch.float32)
+    ref_cos, ref_sin = build(3, 4, D // 4, 10000.0, x.device)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    # frame by frame with a KV cache, far past the table built first: it grows, and matches the full forward
+    long_x = torch.randn(1, 40, N, D)
+    with torch.no_grad():
+        full = make_model(max_frames=8)(long_x)
+        model = make_model(max_frames=8)
+        cache = model.make_cache()
+        steps = [model(long_x[:, t : t + 1], cache) for t in range(40)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert model._rope_cache[(x.device, torch.float32)][0].shape[0] == 64
+
+
+def test_rope_cache_follows_moves_and_copies():
+    """.to() drops the tables (they are rebuilt for the new dtype); deepcopy works; inference-mode tables train."""
+    import copy
+
+    model = make_model().train()
+    with torch.inference_mode():  # Lightning's validation (and sanity check) runs before the first training step
+        model(torch.randn(B, 3, N, D))
+    y = model(torch.randn(B, 3, N, D, requires_grad=True))
+    y.square().mean().backward()  # the cached tables are saved for backward: they must not be inference tensors
+    twin = copy.deepcopy(model)
+    assert set(twin.state_dict()) == set(model.state_dict())
+    model.double()
+    assert not model._rope_cache
+    with torch.no_grad():
+        out = model(torch.randn(B, 3, N, D, dtype=torch.float64))
+    assert out.dtype == torch.float64 and list(model._rope_cache) == [(torch.device("cpu"), torch.float64)]

@@ -17,7 +17,8 @@ Determinism: every *episode* is seeded on its own from ``(--seed, split, episode
 level it plays, the environment's ``rand_seed`` and the policy's RNG. A fresh environment is
 made per episode (it costs well under a millisecond once procgen is loaded). So the shards are
 byte-identical for the same arguments whatever ``--workers`` and ``--episodes-per-job`` are, and
-``--episodes 200`` holds exactly the clips of ``--episodes 100`` plus new ones.
+``--episodes 200`` holds exactly the clips of ``--episodes 100`` plus new ones. ``--seed`` also seeds the
+shard order, which mixes the episodes' clips (:func:`data_prep.common.shard_order`).
 
 Policy: *sticky-random*. The first action is uniform over the 15 actions; at each later step
 the previous action is repeated with probability ``--sticky`` (default 0.5), otherwise a new one
@@ -200,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--out", type=Path, required=True, help="output folder; gets train/ and val/")
     add("--episodes", type=int, default=1000, help="training episodes to play (default 1000)")
-    add("--seed", type=int, default=0, help="seed of levels, env and policy (default 0)")
+    add("--seed", type=int, default=0, help="seed of levels, env, policy and shard order (default 0)")
     add(
         "--sticky",
         type=float,
@@ -290,6 +291,7 @@ def run(args: argparse.Namespace) -> dict:
                 **levels,
             },
             shard_size=args.shard_size,
+            shuffle_seed=args.seed,
             workers=args.workers,
             prefix=split,
             desc=f"coinrun {split}",

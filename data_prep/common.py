@@ -2,12 +2,21 @@
 
 A prep run is a list of *jobs* (one video file, one batch of CoinRun episodes, ...). Each job
 writes its clips into a *part* (``OUT/.parts/<job_id>.tar`` plus ``<job_id>.json`` with its
-report), atomically. When every job is done the parts are concatenated, in job order, into
-shards of ``shard_size`` clips, then ``summary.json`` is written and the parts are removed.
+report), atomically. When every job is done the parts' clips are written into shards of
+``shard_size`` clips in a seeded order mixed across videos (:func:`assemble_shards`), then
+``summary.json`` is written and the parts are removed.
 
 Why parts: jobs finish in any order when run in parallel, but shards must not depend on
 timing. A killed run keeps its finished parts; the rerun only does the missing jobs and then
 writes exactly the shards one clean run writes.
+
+Why mixed: a streaming loader's shuffle buffer only mixes clips that are close in the stream, so
+shards written video after video would make each batch a few videos' clips. The shard order is a
+uniformly random interleaving of the videos' clip sequences, seeded by ``shuffle_seed`` (a video's
+clips keep their order, so each part is read front to back): every window of the shards holds as
+many distinct videos as a full random permutation of the clips would. It depends only on the videos'
+clip counts in job order, never on workers, timing or how episodes are chunked into jobs. Memory:
+4 bytes a clip for the order plus a few numbers a video; the clips themselves stay on disk.
 
 Split runs (a job array over many machines): ``run_prep(..., part=(i, n))`` is run ``i`` of ``n``,
 given only its share of the jobs (:func:`select_part`). Everything it writes carries the part's
@@ -28,11 +37,12 @@ import os
 import shutil
 import tarfile
 import time
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -237,6 +247,7 @@ def run_prep(
     fn: JobFn,
     settings: dict[str, Any],
     shard_size: int,
+    shuffle_seed: int | None,
     workers: int,
     prefix: str = "shard",
     desc: str = "prep",
@@ -249,10 +260,12 @@ def run_prep(
 
     Args:
         out_dir: output folder; shards are ``{prefix}-000000.tar ...``.
-        jobs: the work, in the order their clips go into the shards.
+        jobs: the work, in the order that (with ``shuffle_seed``) decides the shard order.
         fn: ``fn(job, part_writer) -> JobReport``; must be a picklable top-level function.
         settings: everything that determines the output; a rerun with other settings is refused.
         shard_size: clips per shard.
+        shuffle_seed: seed of the shard order, mixed across videos (see :func:`assemble_shards`);
+            None writes the clips in job order.
         workers: parallel processes.
         fail_fast: stop with PrepError when a job fails, instead of skipping it (for generated
             sources, where a failure is a bug, not a bad input file).
@@ -269,11 +282,19 @@ def run_prep(
     if len(set(ids)) != len(ids):
         raise PrepError("internal error: duplicate job ids")
     jobs_digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()
-    full_settings = {**settings, "shard_size": shard_size, "prefix": prefix, "jobs_sha1": jobs_digest}
+    full_settings = {
+        **settings,
+        "shard_size": shard_size,
+        "prefix": prefix,
+        "shuffle_seed": shuffle_seed,
+        "jobs_sha1": jobs_digest,
+    }
     tag = ""
+    part_index = 0
     if part is not None and part[1] > 1:
         check_part(part[0], part[1])
         tag = part_tag(*part)
+        part_index = part[0]
         full_settings.update(parts=part[1], part=part[0])
     summary_path = out / tagged(SUMMARY, tag)
     shard_prefix = f"{prefix}-{tag}" if tag else prefix
@@ -321,7 +342,9 @@ def run_prep(
                 raise
     bar.close()
 
-    shards = assemble_shards(out, parts, [j.job_id for j in jobs], shard_prefix, shard_size)
+    shards = assemble_shards(
+        out, parts, [j.job_id for j in jobs], shard_prefix, shard_size, shuffle_seed=shuffle_seed, stream=part_index
+    )
     ordered = [reports[j.job_id] for j in jobs]
     summary = {
         "ok": sum(r.ok for r in ordered),
@@ -329,6 +352,7 @@ def run_prep(
         "clips": sum(r.clips for r in ordered),
         "frames": sum(r.frames for r in ordered),
         "shards": [p.name for p in shards],
+        "shuffle_seed": shuffle_seed,
         "seconds": round(time.time() - t0, 2),
         **({"part": part[0], "parts": part[1]} if tag and part is not None else {}),
         **(extra_summary or {}),
@@ -346,24 +370,136 @@ def run_prep(
     return summary
 
 
-def assemble_shards(out: Path, parts: Path, job_ids: Iterable[str], prefix: str, shard_size: int) -> list[Path]:
-    """Concatenate the parts, in job order, into shards; remove stale shards of an earlier run."""
+def _video_runs(part_file: Path) -> list[tuple[int, int]]:
+    """``(offset of its first clip's first header, clips)`` of each video in a part, in the order written.
+
+    A video is a run of consecutive clips whose keys share the ``{video_id}`` before the clip number
+    (:func:`genie.data.contract.clip_key`); only tar headers are read, never the clips.
+    """
+    runs: list[tuple[int, int]] = []
+    with tarfile.open(part_file, "r") as tar:
+        last_key = last_video = None
+        for info in tar:
+            key, _ = split_member_name(info.name)
+            if key == last_key:
+                continue
+            last_key = key
+            video = key.rpartition("_")[0] or key
+            if video == last_video:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((info.offset, 1))
+                last_video = video
+    return runs
+
+
+def shard_order(clips_per_video: Sequence[int], seed: int | None, stream: int = 0) -> np.ndarray:
+    """The video each clip of the shards comes from, in shard order (int32, one entry a clip).
+
+    A uniformly random arrangement of the multiset of video labels (video ``v`` appearing
+    ``clips_per_video[v]`` times), i.e. a random interleaving of the videos' clip sequences: the
+    ``k``-th occurrence of ``v`` is ``v``'s ``k``-th clip. The labels of any window are distributed
+    exactly as under a full random permutation of the clips. ``seed`` None: video after video.
+
+    Args:
+        clips_per_video: clip counts, in job (then writing) order.
+        seed: the run's shuffle seed.
+        stream: which part of a split run (so equal parts get unrelated orders); 0 when unsplit.
+    """
+    labels = np.repeat(np.arange(len(clips_per_video), dtype=np.int32), np.asarray(clips_per_video, dtype=np.int64))
+    if seed is not None:
+        seq = np.random.SeedSequence(entropy=seed, spawn_key=(SHUFFLE_STREAM, stream))
+        np.random.default_rng(seq).shuffle(labels)
+    return labels
+
+
+class _PartReader:
+    """Reads one clip at a time from the part files at a given offset, keeping a few files open."""
+
+    def __init__(self, max_open: int = 64):
+        self._files: OrderedDict[Path, BinaryIO] = OrderedDict()
+        self._max_open = max_open
+
+    def _open(self, path: Path) -> BinaryIO:
+        f = self._files.pop(path, None)
+        if f is None:
+            f = open(path, "rb")  # noqa: SIM115 - kept open across calls, closed in close()
+            if len(self._files) >= self._max_open:
+                self._files.popitem(last=False)[1].close()
+        self._files[path] = f  # most recently used last
+        return f
+
+    def read_clip(self, path: Path, offset: int) -> tuple[str, dict[str, bytes], int]:
+        """``(key, members, offset of the next clip)`` of the clip whose first header is at ``offset``."""
+        f = self._open(path)
+        f.seek(offset)
+        key, members, next_offset = None, {}, -1
+        with tarfile.open(fileobj=f, mode="r:") as tar:  # member offsets are positions in the file
+            for info in tar:
+                k, member = split_member_name(info.name)
+                if key is None:
+                    key = k
+                elif k != key:
+                    next_offset = info.offset
+                    break
+                data = tar.extractfile(info)
+                members[member] = data.read() if data is not None else b""
+        if key is None:
+            raise PrepError(f"internal error: no clip at offset {offset} of {path}")
+        return key, members, next_offset
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def assemble_shards(
+    out: Path,
+    parts: Path,
+    job_ids: Sequence[str],
+    prefix: str,
+    shard_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    stream: int = 0,
+) -> list[Path]:
+    """Write the parts' clips into shards in :func:`shard_order`; remove stale shards of an earlier run.
+
+    Every video's clips are read in the order its job wrote them, from where its previous clip ended,
+    so only the order (4 bytes a clip) and each video's position are held in memory.
+
+    Args:
+        out: the output folder.
+        parts: the folder of committed parts, one ``<job_id>.tar`` a job.
+        job_ids: every job, in the run's job order.
+        prefix: shard name prefix.
+        shard_size: clips per shard.
+        shuffle_seed: seed of the order (None: job order, video after video).
+        stream: part index of a split run (see :func:`shard_order`).
+    """
     for old in out.glob(shard_glob(prefix)):
         old.unlink()
-    with ShardWriter(out, prefix=prefix, shard_size=shard_size) as writer:
-        for job_id in job_ids:
-            with tarfile.open(parts / f"{job_id}.tar", "r") as tar:
-                current_key, members = None, {}
-                for info in tar:
-                    key, member = split_member_name(info.name)
-                    if key != current_key and current_key is not None:
-                        writer.write(current_key, members)
-                        members = {}
-                    current_key = key
-                    f = tar.extractfile(info)
-                    members[member] = f.read() if f is not None else b""
-                if current_key is not None:
-                    writer.write(current_key, members)
+    files: list[Path] = []
+    file_of: list[int] = []
+    offsets: list[int] = []
+    counts: list[int] = []
+    for job_id in job_ids:
+        path = parts / f"{job_id}.tar"
+        for offset, clips in _video_runs(path):
+            file_of.append(len(files))
+            offsets.append(offset)
+            counts.append(clips)
+        files.append(path)
+    order = shard_order(counts, shuffle_seed, stream)
+    reader = _PartReader()
+    try:
+        with ShardWriter(out, prefix=prefix, shard_size=shard_size) as writer:
+            for v in order:
+                key, members, offsets[v] = reader.read_clip(files[file_of[v]], offsets[v])
+                writer.write(key, members)
+    finally:
+        reader.close()
     return writer.paths
 
 
@@ -380,6 +516,8 @@ def print_summary(summary: dict[str, Any], out_dir: str | os.PathLike) -> None:
 # Generated sources (CoinRun, sprites) seed every episode on its own, keyed by split and episode index,
 # so output never depends on how episodes are chunked into jobs or spread over workers.
 SPLIT_KEYS = {"train": 0, "val": 1}
+# spawn key of the shard order (shard_order), beside the splits' episode streams: never the same stream
+SHUFFLE_STREAM = 2
 
 
 def episode_rng(seed: int, split: str, episode: int) -> np.random.Generator:

@@ -25,7 +25,8 @@ Output::
     OUT/val/val-000000.tar ...       --val-episodes episodes, drawn with --seed (spread over the dataset)
 
 Each split is its own resumable :func:`data_prep.common.run_prep` run with one job per episode
-(parallel over ``--workers``); ``summary.json`` lists the skipped episodes with the reason.
+(parallel over ``--workers``); ``summary.json`` lists the skipped episodes with the reason. The shard
+order mixes the episodes' clips, seeded by ``--seed`` (:func:`data_prep.common.shard_order`).
 
 Alignment: frame ``t`` of an episode's video is the frame of parquet row ``t`` (rows ordered by
 ``frame_index``), and the action between frame ``t`` and ``t + 1`` is row ``t``'s ``action``: LeRobot
@@ -427,7 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--size", type=int, default=64, help="square frame size (default 64)")
     add("--clip-frames", type=int, default=16, help="frames per clip (default 16)")
     add("--val-episodes", type=int, default=None, help="episodes held out for val (max(1, episodes // 10); 0: none)")
-    add("--seed", type=int, default=0, help="seed of the choice of val episodes (default 0)")
+    add("--seed", type=int, default=0, help="seed of the choice of val episodes and of the shard order (default 0)")
     add("--lossless", action="store_true", help="frame-exact encoding (libx264rgb crf 0; ~10x larger)")
     add("--crf", type=int, default=18, help="H.264 quality for lossy encoding (lower is better)")
     add("--gop", type=int, default=DEFAULT_GOP, help="keyframe interval (short = fast random access)")
@@ -497,6 +498,7 @@ def run(args: argparse.Namespace) -> dict:
                 **common,
             },
             shard_size=args.shard_size,
+            shuffle_seed=args.seed,
             workers=args.workers,
             prefix=split,
             desc=f"lerobot {split}",

@@ -50,7 +50,8 @@ frame to frame (also with MuJoCo's default render settings; likely coincident fa
 Determinism: every episode is seeded on its own from ``(--seed, split, episode index)``: the
 environment's reset and the noise. One environment per task is kept per process (up to 10, ~95 MB
 each) and re-seeded for each episode (MuJoCo resets its whole state), so the shards are
-byte-identical for the same arguments whatever ``--workers`` and ``--episodes-per-job`` are.
+byte-identical for the same arguments whatever ``--workers`` and ``--episodes-per-job`` are. ``--seed``
+also seeds the shard order, which mixes the episodes' clips (:func:`data_prep.common.shard_order`).
 Frames are encoded lossless by default (frame-exact, like CoinRun), ``--lossy`` for H.264 yuv420p.
 """
 
@@ -345,7 +346,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--episodes", type=int, default=500, help="training episodes (default 500)")
     add("--val-episodes", type=int, default=None, help="val episodes (max(1, episodes // 10); 0: none)")
-    add("--seed", type=int, default=0, help="seed of object/goal positions and action noise (default 0)")
+    add("--seed", type=int, default=0, help="seed of object/goal positions, action noise and shard order (default 0)")
     add("--size", type=int, default=64, help="square frame size (default 64)")
     add("--clip-frames", type=int, default=16, help="frames per clip (default 16)")
     add("--max-episode-frames", type=int, default=160, help="frames per episode at most (default 160)")
@@ -469,6 +470,7 @@ def run(args: argparse.Namespace) -> dict:
                     **common,
                 },
                 shard_size=args.shard_size,
+                shuffle_seed=args.seed,
                 workers=args.workers,
                 prefix=split,
                 desc=f"robot {split}",

@@ -45,7 +45,8 @@ One episode is one clip of ``--clip-frames`` frames (default 16) with ``actions.
 ``[T-1]``, ``actions[t]`` moves frame ``t`` to ``t+1``), encoded lossless (libx264rgb) at 10 fps.
 Each episode is seeded on its own from ``(--seed, split, episode index)``
 (:func:`episode_rng`), so shards are byte-identical for the same arguments whatever ``--workers``
-and ``--episodes-per-job`` are, and :func:`render_episode` reproduces any stored clip exactly.
+and ``--episodes-per-job`` are, and :func:`render_episode` reproduces any stored clip exactly. ``--seed``
+also seeds the shard order, which mixes the episodes (:func:`data_prep.common.shard_order`).
 """
 
 from __future__ import annotations
@@ -432,6 +433,7 @@ def run(args: argparse.Namespace) -> dict:
                 **common,
             },
             shard_size=args.shard_size,
+            shuffle_seed=args.seed,
             workers=args.workers,
             prefix=split,
             desc=f"sprites {split}",

@@ -3,7 +3,8 @@
 Each file is cut into consecutive, non-overlapping clips of ``--clip-frames`` frames at
 ``--fps`` (resampled by dropping/repeating frames), resized so the short side is ``--size``
 and center-cropped square, and encoded as H.264 with a short GOP. Files are processed in
-parallel; the run is resumable (see :mod:`data_prep.common`).
+parallel; the run is resumable (see :mod:`data_prep.common`). The shards hold the clips in an order
+mixed across videos, seeded by ``--shuffle-seed`` (:func:`data_prep.common.shard_order`).
 
 ``--parts N --part i`` (a job array over many machines): this run prepares only the files of
 part ``i``, chosen by a stable hash of each file's path relative to ``SRC``
@@ -118,6 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gop", type=int, default=DEFAULT_GOP, help="keyframe interval (short = fast random access)")
     parser.add_argument("--max-clips", type=int, default=0, help="at most this many clips per video (0: all)")
     parser.add_argument("--prefix", default="shard", help="shard name prefix: PREFIX-000000.tar")
+    parser.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        help="seed of the shard order, mixed across videos (default 0); -1 writes video after video",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (0: none)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
     parser.add_argument(
@@ -167,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         fn=process_video,
         settings={"source": "videos", "src": str(src), **common},
         shard_size=args.shard_size,
+        shuffle_seed=args.shuffle_seed if args.shuffle_seed >= 0 else None,
         workers=args.workers,
         prefix=args.prefix,
         desc=f"videos {part_tag(part, parts)}" if split else "videos",

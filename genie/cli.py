@@ -46,8 +46,18 @@ SINGLE: dict[str, tuple[str, str]] = {
 }
 
 
-# exceptions that are the user's to fix: printed as one line, exit 2
-USER_ERRORS = {"PrepError", "DataError", "ConfigError", "FileNotFoundError", "ValueError", "DemoError", "SpeedrunError"}
+# exceptions that are the user's to fix: printed as one line, exit 2 (matched by exact type name: a ValueError
+# subclass such as json's JSONDecodeError keeps its traceback unless it is listed)
+USER_ERRORS = {
+    "PrepError",
+    "DataError",
+    "ConfigError",
+    "FileNotFoundError",
+    "ValueError",
+    "DemoError",
+    "SpeedrunError",
+    "DamagedFileError",  # a truncated or overwritten model.safetensors / checkpoint (genie.models.hub)
+}
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -35,7 +35,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from genie.data.datamodule import VideoDataModule
-from genie.stages.base import NonFiniteError, StageModule, stage_from_state
+from genie.models.hub import DamagedFileError
+from genie.stages.base import NonFiniteError, StageModule, load_checkpoint, stage_from_state
 
 
 class ConfigError(ValueError):
@@ -184,6 +185,12 @@ class GenieCLI(LightningCLI):
             super().parse_arguments(parser, args)
         finally:
             sys.argv = saved
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            # LightningCLI reads the checkpoint's hyper-parameters next: a damaged file is one line naming it here,
+            # not PyTorch's traceback there (memory-mapped: its tensors are not read)
+            load_checkpoint(ckpt_path, mmap=True)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -347,7 +354,7 @@ def fit(argv: list[str]) -> int:
     except ArgumentError as e:
         print(f"error: bad config: {config_error_line(str(e))} (genie fit --help lists every option)", file=sys.stderr)
         return 2
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, DamagedFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -32,6 +32,7 @@ from torch import Tensor
 from genie.models.adapter import ActionAdapter
 from genie.models.blocks import KVCache
 from genie.models.dynamics import DynamicsModel
+from genie.models.hub import read_json
 from genie.models.lam import LatentActionModel
 from genie.models.sampler import MaskGITSampler, SamplerConfig
 from genie.models.tokenizer import VideoTokenizer
@@ -129,7 +130,7 @@ class World:
             raise ValueError(f"world bundle {path} is missing {', '.join(missing)}: re-run `genie export world`")
         meta: dict[str, Any] = {}
         if (path / "world.json").is_file():
-            meta = json.loads((path / "world.json").read_text())
+            meta = read_json(path / "world.json")  # a damaged one: DamagedFileError naming it
         if sampler is None:
             sampler = SamplerConfig(**meta.get("sampler", {}))
         adapter = None

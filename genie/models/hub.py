@@ -10,18 +10,62 @@ transformers' bookkeeping keys (``model_type``, ``architectures``, ``dtype``, ``
 
 Loading safety: :meth:`GeniePreTrainedModel.from_pretrained` only reads safetensors (never unpickles), and
 it is strict: a checkpoint with missing, unexpected or wrongly-shaped tensors is an error, not a warning.
+A folder whose ``model.safetensors`` or ``config.json`` cannot be read (an interrupted copy or download, a full
+disk) is a :class:`DamagedFileError` that names the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 
 # fields that transformers' PreTrainedConfig itself declares; everything else in a genie config is ours
 _BASE_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(PreTrainedConfig))
+
+
+class DamagedFileError(ValueError):
+    """A model or checkpoint file that exists but cannot be read: truncated or overwritten.
+
+    A ``ValueError``: the ``genie`` commands report it as one ``error:`` line naming the file (exit code 2).
+    """
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} is damaged or truncated ({reason}): re-export or re-download it")
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message, first line only (its type's name when it has none), for a one-line report."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file of a model folder or bundle; :class:`DamagedFileError` when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedFileError(path, f"not valid JSON: {first_line(e)}") from e
+
+
+def damaged_safetensors(folder: Path) -> tuple[Path, str] | None:
+    """The first ``*.safetensors`` file of ``folder`` whose header safetensors refuses, with the reason; else None.
+
+    The header check covers truncation: safetensors refuses a file shorter than its header says.
+    """
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as e:
+            return path, first_line(e)
+    return None
 
 
 def model_fields(config: PreTrainedConfig) -> dict[str, Any]:
@@ -65,9 +109,18 @@ class GeniePreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         kwargs["weights_only"] = True  # belt and braces: any torch.load transformers might do stays safe
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        folder = Path(str(pretrained_model_name_or_path))
+        if (folder / "config.json").is_file():
+            read_json(folder / "config.json")  # transformers' own report is an OSError with a traceback
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as e:
+            # a local folder: name the very file (one of several shards, maybe); a Hub repo: its weights
+            found = damaged_safetensors(folder) if folder.is_dir() else None
+            path, reason = found or (folder / "model.safetensors", first_line(e))
+            raise DamagedFileError(path, reason) from e
         if strict:
             bad = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
             if bad:

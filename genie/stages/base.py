@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from genie.data.loader import total_skipped
 from genie.models.blocks import STBlock, STTransformer
-from genie.models.hub import GeniePreTrainedModel, model_fields
+from genie.models.hub import DamagedFileError, GeniePreTrainedModel, first_line, model_fields
 from genie.models.quantizer import VectorQuantizer
 from genie.runtime import flush_denormals
 
@@ -457,8 +458,46 @@ def load_stage_checkpoint(path: str | Path, map_location: str = "cpu") -> StageM
     The checkpoint must have been written by a :class:`StageModule` (its hyper-parameters name the
     stage class and hold its configs as plain data).
     """
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = load_checkpoint(path, map_location)
     hp = dict(ckpt.get("hyper_parameters") or {})
     if not hp.get("stage"):
         raise ValueError(f"{path} is not a genie stage checkpoint (no 'stage' in its hyper-parameters)")
     return stage_from_state(hp, ckpt["state_dict"])
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a Lightning checkpoint; :class:`DamagedFileError` for a broken file.
+
+    PyTorch reports a truncated or overwritten file as whatever its zip reader or unpickler tripped on (``OSError:
+    [Errno 22] Invalid argument``, ``EOFError``, a ``KeyError``...). When the load fails, the file itself is checked
+    and, if it is not a whole checkpoint, that is the error; a whole file's error (e.g. ``weights_only`` refusing a
+    checkpoint with pickled objects) is raised as it is. ``mmap``: map the file rather than read it (cheap when
+    only a few entries are wanted; the tensors are then read on use).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (FileNotFoundError, IsADirectoryError, PermissionError, MemoryError):
+        raise  # not the file's content: their own messages say what is wrong
+    except Exception as e:
+        reason = checkpoint_damage(Path(path))
+        if reason is None:
+            raise
+        raise DamagedFileError(path, reason) from e
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why ``path`` is not a whole ``torch.save`` file (a zip archive), or None when every member is intact.
+
+    Truncation loses the archive's central directory, at its end; a member overwritten in place fails its CRC.
+    Reads the whole file (only called once a load has failed).
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file"
+    if not zipfile.is_zipfile(path):
+        return f"not a complete zip archive, {size:,} bytes"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"unreadable zip archive: {first_line(e)}"
+    return None if bad is None else f"{bad} fails its checksum"

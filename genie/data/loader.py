@@ -1,18 +1,33 @@
-"""Streaming clips out of webdataset shards: shard assignment, windows, decoding, batching.
+"""Streaming clips out of webdataset shards: shard schedule, windows, decoding, batching, exact resume.
 
 Shapes: B batch, T frames per window, H W pixels, C = 3 channels.
 
 Pipeline per DataLoader worker (all work happens inside the workers, the main process only
 receives ready batches):
 
-    urls -> this consumer's shards (split by rank and worker) -> tar samples (webdataset)
-         -> shuffle buffer of *encoded* samples (cheap to hold) -> pick a window
-         -> decode only its frames -> batch -> {"frames": uint8 [B, T, H, W, C], ...}
+    urls -> this consumer's blocks of shards (ShardSchedule) -> tar samples, interleaved across the
+         block's shards -> windows per sample (several for a long whole video) -> shuffle buffer of
+         *encoded* samples (cheap to hold) -> pick a window -> decode only its frames -> batch
+         -> {"frames": uint8 [B, T, H, W, C], ...}
 
-Training streams forever (a fresh shuffled pass over the consumer's shards each round), so
-runs are measured in ``max_steps``; validation reads a fixed set of clips once, with a
-deterministic window per clip, identical on every run. Corrupt samples are skipped, counted
-and logged, never raised.
+**Training** streams forever, so runs are measured in ``max_steps``. A *consumer* is one DataLoader
+worker of one rank. All consumers walk one endless sequence of shards, a fresh seeded permutation of
+every shard per epoch, consumer ``c`` of ``C`` taking every ``C``-th entry: every shard is read equally
+often whatever the numbers of shards and consumers. A consumer reads its entries in *blocks* of a few
+shards (``interleave``), alternating samples between them and shuffling through a buffer, so a batch
+draws clips from several shards and many videos. Every random draw of a block is seeded by
+``(seed, consumer, block)`` and every window by ``(seed, consumer, block, sample)``, so each run is
+reproducible from its seed, ranks and workers draw differently, and nothing depends on what came
+before the block. That is what makes resuming exact: each batch carries its consumer's position (block,
+samples of the block used so far); :class:`genie.data.datamodule.VideoDataModule` keeps the position of
+the last batch it handed to training from each stream and saves them with the checkpoint; a resumed
+stream re-reads only the current block's tar bytes (no decoding) to get back to where it stopped.
+DataLoader workers hand out batches in turn (batch ``i`` from worker ``i mod workers``), so after ``N``
+batches worker ``w`` resumes the *logical stream* ``(w + N) mod workers``: the batch order is the
+uninterrupted run's.
+
+**Validation** reads a fixed set of clips once, split by rank and worker, with a deterministic window
+per clip, identical on every run. Corrupt samples are skipped, counted and logged, never raised.
 
 Two kinds of samples, told apart by their ``json`` (:func:`genie.data.contract.is_clip_meta`):
 
@@ -22,14 +37,20 @@ Two kinds of samples, told apart by their ``json`` (:func:`genie.data.contract.i
 - **Whole videos** from other tools, video2dataset's ``mp4`` + ``json`` layout being the usual
   one: any length, size and aspect, and metadata we do not rely on. The frame count, size and
   rate come from the video's container header (:func:`genie.data.video.probe_video`, about a
-  millisecond for an mp4, nothing decoded); a window is sampled over the whole video; only its
-  frames are decoded, straight to the reduced size where decord allows it, then center-cropped
-  to ``resolution`` (required for them). A video2dataset ``status`` other than ``success``, an
-  undecodable or too-short video is skipped and counted like any bad clip. Each pass yields one
-  window per video, so a long video is seen as often as a short one.
+  millisecond for an mp4, nothing decoded); only a window's frames are decoded, straight to the
+  reduced size where decord allows it, then center-cropped to ``resolution`` (required for them).
+  A training pass takes one window per ``video_window_every`` frames of a video (at most
+  ``max_video_windows``, stratified over its length), so long footage yields samples in proportion
+  to its length from one read of its bytes. A video2dataset ``status`` other than ``success``, an
+  undecodable or too-short video is skipped and counted like any bad clip.
 
 The shuffle buffer holds encoded samples: a few KB for our clips, but whole videos are MBs, so
 the buffer is also capped in bytes (``shuffle_bytes``) and holds fewer of them.
+
+Frame strides: ``actions.npy`` and pre-computed latent actions hold one action per consecutive
+transition, and a window at ``frame_stride > 1`` has no such action per step (discrete actions do not
+compose). Token shards at a stride, and runs that require actions at a stride, are refused with a
+one-line error; otherwise the actions are left out of the batch (with a warning), never misaligned.
 """
 
 from __future__ import annotations
@@ -60,7 +81,7 @@ from genie.data.contract import (
     whole_video_member,
 )
 from genie.data.video import Backend, DecodeError, VideoInfo, decode_clip, decode_resized, probe_video
-from genie.data.windows import fixed_start, sample_window, window_span
+from genie.data.windows import fixed_start, sample_window, stratified_start, window_span, windows_per_video
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +91,79 @@ _MAX_LOGGED_ERRORS = 5
 
 class DataError(ValueError):
     """The data given to a run is unusable as a whole (no shards, wrong resolution, ...)."""
+
+
+# The seed-sequence word that keeps the shard permutations apart from other draws of the same seed.
+_SHARD_ORDER = 0x5A4D
+
+
+def _seed_word(seed: int) -> int:
+    """A run seed as a non-negative word (numpy's seed sequences refuse negative entries)."""
+    return seed & 0xFFFFFFFFFFFFFFFF
+
+
+class ShardSchedule:
+    """Which shards each training consumer reads, block by block, forever.
+
+    The schedule is one endless sequence of shard indices: epoch ``e`` is a permutation of all shards seeded
+    by ``(seed, e)``, and the epochs follow each other. Consumer ``c`` of ``consumers`` takes the entries
+    ``c, c + consumers, c + 2 * consumers, ...``, ``width`` of them per block. Every consumer reads at the
+    same rate, so every shard is read equally often (once per epoch of the sequence) whatever the numbers of
+    shards and consumers; striding over a fixed list instead reads some shards twice as often as others
+    when the counts do not divide. Block ``j`` of any consumer is computed directly, without replaying the
+    blocks before it.
+
+    Args:
+        num_shards: shards in the dataset.
+        seed: the run's data seed.
+        consumers: ranks x DataLoader workers.
+        interleave: shards a block reads at once (fewer when there are too few shards to give every
+            consumer distinct ones).
+    """
+
+    def __init__(self, num_shards: int, seed: int, consumers: int, interleave: int = 4):
+        if num_shards < 1 or consumers < 1:
+            raise ValueError("a shard schedule needs at least one shard and one consumer")
+        self.num_shards, self.seed, self.consumers = num_shards, seed, consumers
+        self.width = max(1, min(interleave, num_shards // consumers))
+        self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation (the few in use)
+
+    def shard_at(self, index: int) -> int:
+        """The shard at position ``index`` of the endless sequence."""
+        epoch, i = divmod(index, self.num_shards)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            rng = np.random.default_rng([_seed_word(self.seed), _SHARD_ORDER, epoch])
+            perm = self._perms[epoch] = rng.permutation(self.num_shards)
+        return int(perm[i])
+
+    def block(self, consumer: int, block: int) -> list[int]:
+        """The shard indices consumer ``consumer`` reads in its block ``block``."""
+        first = block * self.width
+        return [self.shard_at((first + i) * self.consumers + consumer) for i in range(self.width)]
+
+
+@dataclass
+class StreamState:
+    """Where one rank's training streams stand: what a resumed run needs to go on exactly.
+
+    Attributes:
+        consumed: training batches this rank has taken from its DataLoader so far.
+        positions: logical stream (0 .. workers - 1) -> ``(block, samples of the block used)`` after the
+            last batch taken from it.
+        start_block: streams without a position start at this block (a run resumed with another number of
+            ranks or workers goes on past the data it already saw instead of starting over).
+    """
+
+    consumed: int = 0
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    start_block: int = 0
+
+
+class StrideError(DataError):
+    """A frame stride the data's actions cannot follow (raised, never counted as a bad sample)."""
 
 
 def _is_remote(url: str) -> bool:
@@ -184,13 +278,19 @@ class ClipStream(IterableDataset):
         resize: also resize and center-crop our own clips of another size instead of skipping them.
         rank, world_size: override the distributed position (tests, custom launchers).
         max_clips: validation only: stop after this many clips per consumer.
+        interleave: training only: shards each consumer reads at once, alternating samples between them.
+        video_window_every: training only: one window per this many frames of a whole video (None: one per
+            video), so long videos give samples in proportion to their length.
+        max_video_windows: training only: at most this many windows per whole video and pass.
+        resume: training only: where this rank's streams stand (see :class:`StreamState`); None starts fresh.
 
     Yields:
         dicts with ``frames`` uint8 ``[B, T, H, W, C]`` (video shards) or ``tokens`` int64 ``[B, T, h, w]``
         and ``latent_actions`` int64 ``[B, T-1]`` (token shards from ``genie prep tokenize``), ``actions``
         (int64 ``[B, T-1]`` or float32 ``[B, T-1, A]``, only when every clip of the batch has them), ``keys``,
-        ``starts`` int64 ``[B]`` (window start frame), ``worker`` (``rank * workers + worker``)
-        and ``skipped`` (that worker's cumulative count of bad samples).
+        ``starts`` int64 ``[B]`` (window start frame), ``worker`` (``rank * workers + stream``), ``skipped``
+        (that worker's cumulative count of bad samples) and, in training, ``stream`` (the logical stream) and
+        ``position`` (``[block, samples used]`` of that stream after this batch).
     """
 
     def __init__(
@@ -210,6 +310,10 @@ class ClipStream(IterableDataset):
         max_clips: int | None = None,
         resize: bool = False,
         shuffle_bytes: int = 256 << 20,
+        interleave: int = 4,
+        video_window_every: int | None = 256,
+        max_video_windows: int = 64,
+        resume: StreamState | None = None,
     ):
         super().__init__()
         self.urls = expand_shards(shards)
@@ -226,6 +330,10 @@ class ClipStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.max_clips = max_clips
         self.stats = StreamStats()
+        self.interleave = max(1, interleave)
+        self.video_window_every, self.max_video_windows = video_window_every, max(1, max_video_windows)
+        self.resume = resume
+        self._warned_stride = False
         if num_frames < 1 or frame_stride < 1 or batch_size < 1:
             raise DataError("num_frames, frame_stride and batch_size must all be >= 1")
         if resize and resolution is None:
@@ -234,12 +342,12 @@ class ClipStream(IterableDataset):
     # -- shards and raw samples -------------------------------------------------------------
 
     def my_shards(self) -> tuple[list[str], int, int]:
-        """This consumer's shards, its index (rank * workers + worker) and the sample-split modulus.
+        """This validation consumer's shards, its index (rank * workers + worker) and the sample-split modulus.
 
         With at least as many shards as consumers, shards are split and the modulus is 1. With
-        fewer, training consumers all read every shard (each in its own seeded order), and
-        validation consumers read every shard but keep every ``consumers``-th clip, so the
-        fixed validation set is still split exactly and no rank sits idle.
+        fewer, consumers read every shard but keep every ``consumers``-th clip, so the fixed
+        validation set is still split exactly and no rank sits idle. (Training consumers follow a
+        :class:`ShardSchedule` instead.)
         """
         rank, world, wid, nw = consumer_info(self.rank, self.world_size)
         me, consumers = rank * nw + wid, world * nw
@@ -257,6 +365,48 @@ class ClipStream(IterableDataset):
 
         for url in urls:
             yield from tarfile_samples([{"url": url}], handler=handler)
+
+    def _interleaved(self, urls: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The samples of several shards, one from each in turn (a shard that ends drops out)."""
+        streams = [self._raw_samples([url]) for url in urls]
+        while streams:
+            alive = []
+            for stream in streams:
+                sample = next(stream, None)
+                if sample is not None:
+                    alive.append(stream)
+                    yield sample
+            streams = alive
+
+    def _with_windows(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Each sample once, but a long whole video once per window it gives (sharing its bytes).
+
+        The copies carry ``__window__`` = ``(part, parts)`` and the probed header; decoding happens later, per
+        window, so the copies spread through the shuffle buffer like any other samples.
+        """
+        for sample in samples:
+            parts, info = self._video_parts(sample)
+            if parts == 1:
+                yield sample
+                continue
+            for part in range(parts):
+                yield {**sample, "__window__": (part, parts), "__info__": info}
+
+    def _video_parts(self, sample: dict[str, Any]) -> tuple[int, VideoInfo | None]:
+        """How many windows a sample gives per pass: 1, or more for a long whole video (header probe only)."""
+        if self.video_window_every is None:
+            return 1, None
+        video = whole_video_member(sample)
+        if video is None or META_MEMBER not in sample:
+            return 1, None
+        try:
+            if is_clip_meta(load_meta_json(sample[META_MEMBER])):
+                return 1, None
+            info = probe_video(sample[video])
+        except (ValueError, DecodeError, OSError):
+            return 1, None  # the load proper reports what is wrong with it
+        every, cap = self.video_window_every, self.max_video_windows
+        return windows_per_video(info.frames, self.num_frames, self.frame_stride, every, cap), info
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         """Shuffle through a buffer of ``shuffle_buffer`` samples and at most ``shuffle_bytes`` bytes."""
@@ -322,25 +472,42 @@ class ClipStream(IterableDataset):
             out["frames"] = frames
         return self._add_actions(out, sample, meta.frames, idx, "clip")
 
-    def _window(self, key: str, frames: int, rng: np.random.Generator | None, what: str) -> np.ndarray:
-        """The window's frame indices: random (training) or fixed per key (validation)."""
+    def _window(
+        self,
+        key: str,
+        frames: int,
+        rng: np.random.Generator | None,
+        what: str,
+        part: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """The window's frame indices: random (training; within slice ``part`` of the video when given) or
+        fixed per key (validation)."""
         span = window_span(self.num_frames, self.frame_stride)
         if frames < span:
             raise DecodeError(f"{what} has {frames} frames, window needs {span}")
         if rng is None:
             start = fixed_start(key, frames, self.num_frames, self.frame_stride, self.seed)
             return sample_window(frames, self.num_frames, self.frame_stride, start=start)
+        if part is not None:
+            start = stratified_start(frames, self.num_frames, self.frame_stride, part[0], part[1], rng)
+            return sample_window(frames, self.num_frames, self.frame_stride, start=start)
         return sample_window(frames, self.num_frames, self.frame_stride, rng=rng)
 
     def _add_actions(
         self, out: dict[str, Any], sample: dict[str, Any], frames: int, idx: np.ndarray, what: str
     ) -> dict[str, Any]:
+        if ACTIONS_MEMBER in sample and self.frame_stride > 1:
+            if self.require_actions:
+                raise StrideError(stride_message(self.frame_stride, ACTIONS_MEMBER))
+            if not self._warned_stride:  # never a misaligned action: none at all
+                self._warned_stride = True
+                log.warning("%s left out of the batches: %s", ACTIONS_MEMBER, stride_message(self.frame_stride))
+            return out
         if ACTIONS_MEMBER in sample:
             actions = npy_load(sample[ACTIONS_MEMBER])
             if actions.shape[0] != frames - 1:
                 raise DecodeError(f"{ACTIONS_MEMBER} has {actions.shape[0]} rows, {what} has {frames} frames")
-            # the action taken at each kept frame except the last (exact for stride 1)
-            out["actions"] = actions[idx[:-1]]
+            out["actions"] = actions[idx[:-1]]  # the action between each kept frame and the next (stride 1)
         elif self.require_actions:
             raise DecodeError(f"no {ACTIONS_MEMBER} (this run requires actions)")
         return out
@@ -355,15 +522,16 @@ class ClipStream(IterableDataset):
         if status is not None and status != "success":
             raise DecodeError(f"video2dataset status {str(status)[:40]!r}")
         data = sample[member]
-        info = probe_video(data)
-        idx = self._window(key, info.frames, rng, "video")
+        info = sample.get("__info__") or probe_video(data)
+        idx = self._window(key, info.frames, rng, "video", sample.get("__window__"))
         out = {"key": key, "start": int(idx[0])}
         out["frames"] = decode_resized(data, idx.tolist(), self.resolution, self.backend, info)
         return self._add_actions(out, sample, info.frames, idx, "video")
 
-    @staticmethod
-    def _load_tokens(sample: dict[str, Any], meta: ClipMeta, idx: np.ndarray) -> dict[str, np.ndarray]:
+    def _load_tokens(self, sample: dict[str, Any], meta: ClipMeta, idx: np.ndarray) -> dict[str, np.ndarray]:
         """The window of a pre-tokenized clip (``genie prep tokenize``): token ids and latent actions."""
+        if self.frame_stride > 1:
+            raise StrideError(stride_message(self.frame_stride, LATENT_ACTIONS_MEMBER))
         tokens = npy_load(sample[TOKENS_MEMBER])  # (T, h, w)
         if tokens.ndim != 3 or tokens.shape[0] != meta.frames:
             raise DecodeError(f"{TOKENS_MEMBER} has shape {tokens.shape}, expected ({meta.frames}, h, w)")
@@ -376,12 +544,13 @@ class ClipStream(IterableDataset):
 
     # -- batches ------------------------------------------------------------------------------
 
-    def _collate(self, clips: list[dict[str, Any]], me: int) -> dict[str, Any]:
+    def _collate(self, clips: list[dict[str, Any]], me: int, **extra: Any) -> dict[str, Any]:
         batch: dict[str, Any] = {
             "keys": [c["key"] for c in clips],
             "starts": torch.tensor([c["start"] for c in clips], dtype=torch.int64),
             "worker": me,
             "skipped": self.stats.skipped,
+            **extra,
         }
         for name in ("frames", "tokens", "latent_actions"):  # (B, T, H, W, C) uint8 | (B, T, h, w) | (B, T-1)
             if all(name in c for c in clips):
@@ -392,51 +561,90 @@ class ClipStream(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        shards, me, modulus = self.my_shards()
         self.stats = StreamStats()
+        if self.train:
+            yield from self._train_batches()
+        else:
+            yield from self._val_batches()
+
+    def _val_batches(self) -> Iterator[dict[str, Any]]:
+        shards, me, modulus = self.my_shards()
         if not shards:
             return
         pending: list[dict[str, Any]] = []
-        round_ = 0
-        yielded = 0
-        while True:
-            if self.train:
-                rng = random.Random(f"{self.seed}:{me}:{round_}")
-                order = list(shards)
-                rng.shuffle(order)
-                samples = self._shuffled(self._raw_samples(order), rng)
-                np_rng: np.random.Generator | None = np.random.default_rng([self.seed, me, round_])
-            else:
-                samples, np_rng = self._raw_samples(shards), None
-            for i, sample in enumerate(samples):
-                if modulus > 1 and i % modulus != me:
-                    continue
-                try:
-                    clip = self.load_clip(sample, np_rng)
-                except (DecodeError, ValueError, KeyError, OSError) as e:
-                    self.stats.bad(sample.get("__key__", "?"), str(e), sample.get("__url__", "?"))
-                    continue
-                self.stats.samples += 1
-                pending.append(clip)
-                yielded += 1
-                if len(pending) == self.batch_size:
-                    yield self._collate(pending, me)
-                    pending = []
-                if not self.train and self.max_clips is not None and yielded >= self.max_clips:
-                    break
-            round_ += 1
-            if not self.train:
+        for i, sample in enumerate(self._raw_samples(shards)):
+            if modulus > 1 and i % modulus != me:
+                continue
+            clip = self._load_or_count(sample, None)
+            if clip is None:
+                continue
+            pending.append(clip)
+            if len(pending) == self.batch_size:
+                yield self._collate(pending, me)
+                pending = []
+            if self.max_clips is not None and self.stats.samples >= self.max_clips:
                 break
-            if self.stats.samples == 0:
-                raise DataError(f"no readable clips in {len(shards)} shard(s) (e.g. {shards[0]}); see warnings above")
         if pending:
             yield self._collate(pending, me)
         if self.stats.skipped:
             log.warning("validation reader %d skipped %d bad sample(s): %s", me, self.stats.skipped, self.stats.reasons)
 
+    def _train_batches(self) -> Iterator[dict[str, Any]]:
+        """Endless training batches of this worker's logical stream, from where ``resume`` left it."""
+        rank, world, wid, nw = consumer_info(self.rank, self.world_size)
+        state = self.resume or StreamState()
+        stream = (wid + state.consumed) % nw  # DataLoader hands out batch i from worker i mod nw
+        me = rank * nw + stream
+        schedule = ShardSchedule(len(self.urls), self.seed, world * nw, self.interleave)
+        block, skip = state.positions.get(stream, (state.start_block, 0))
+        seed = _seed_word(self.seed)
+        pending: list[dict[str, Any]] = []
+        shards_read = 0
+        while True:
+            urls = [self.urls[i] for i in schedule.block(me, block)]
+            samples = self._shuffled(self._with_windows(self._interleaved(urls)), random.Random(f"{seed}:{me}:{block}"))
+            for i, sample in enumerate(samples):
+                if i < skip:
+                    continue  # used before the checkpoint this run resumed from: re-read, not decoded
+                clip = self._load_or_count(sample, np.random.default_rng([seed, me, block, i]))
+                if clip is None:
+                    continue
+                pending.append(clip)
+                if len(pending) == self.batch_size:
+                    yield self._collate(pending, me, stream=stream, position=[block, i + 1])
+                    pending = []
+            block, skip = block + 1, 0
+            shards_read += len(urls)
+            if self.stats.samples == 0 and shards_read >= len(self.urls):
+                raise DataError(f"no readable clips in {shards_read} shard(s) (e.g. {urls[0]}); see warnings above")
+
+    def _load_or_count(self, sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any] | None:
+        """One clip, or None after counting the sample as bad (a stride the data cannot follow is raised)."""
+        try:
+            clip = self.load_clip(sample, rng)
+        except StrideError:
+            raise
+        except (DecodeError, ValueError, KeyError, OSError) as e:
+            self.stats.bad(sample.get("__key__", "?"), str(e), sample.get("__url__", "?"))
+            return None
+        self.stats.samples += 1
+        return clip
+
+
+def stride_message(stride: int, member: str | None = None) -> str:
+    """Why actions cannot follow a frame stride, and what to do (one line)."""
+    what = f"{member} holds" if member else "actions hold"
+    return (
+        f"{what} one action per consecutive frame pair, and actions do not compose over frame_stride={stride}: "
+        "use frame_stride=1 (prep the clips at a lower --fps to skip frames)"
+    )
+
 
 def _nbytes(sample: dict[str, Any]) -> int:
-    return sum(len(v) for v in sample.values() if isinstance(v, bytes | bytearray))
+    """Bytes a buffered sample holds; the windows of one whole video share its bytes (each counts its part)."""
+    held = sum(len(v) for v in sample.values() if isinstance(v, bytes | bytearray))
+    window = sample.get("__window__")
+    return held // window[1] if window else held
 
 
 def total_skipped(seen: dict[int, int], batch: dict[str, Any]) -> int:
@@ -456,6 +664,16 @@ def whole_video_meta(key: str, raw: dict[str, Any], info: VideoInfo) -> ClipMeta
         video_id=key,
         extra={WHOLE_VIDEO: True},
     )
+
+
+def first_members(shards: str | Sequence[str]) -> set[str]:
+    """The member names (``mp4``, ``json``, ``actions.npy``, ...) of the first sample of the first shard."""
+    from webdataset.tariterators import tarfile_samples
+
+    urls = expand_shards(shards)
+    for sample in tarfile_samples([{"url": urls[0]}], handler=lambda e: True):
+        return {k for k in sample if not k.startswith("__")}
+    return set()
 
 
 def probe_meta(shards: str | Sequence[str]) -> ClipMeta:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import time
 import zipfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
@@ -257,6 +259,18 @@ class StageModule(L.LightningModule):
             for quantizer in quantizers:
                 quantizer.apply_pending_restarts()
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed this step's random draws (MaskGIT masks, dropout, restarts' noise) from (seed, rank, step).
+
+        Each rank draws its own masks (one seed on every rank would repeat the same mask pattern on every GPU,
+        dividing the masks seen per step by the number of GPUs), every run is reproducible from its seed, and a
+        resumed run draws exactly what the uninterrupted run draws from its checkpoint on, without saving any
+        generator state. Weights stay identical across ranks: DDP averages gradients, and dead-code restarts
+        are broadcast from rank 0.
+        """
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        torch.manual_seed(step_seed(self.trainer.global_step, micro, self.global_rank))
+
     def on_train_start(self) -> None:
         # Lightning keeps each submodule's train/eval mode as it finds it, and models come out of
         # from_pretrained (or an evaluation) in eval mode: without this, training-only behaviour such as
@@ -416,6 +430,18 @@ class StageModule(L.LightningModule):
         return sum(p.numel() for p in module.parameters())
 
 
+def step_seed(step: int, micro: int = 0, rank: int = 0, seed: int | None = None) -> int:
+    """The seed of one training step's random draws on one rank.
+
+    ``seed`` defaults to the run's (``seed_everything``, which LightningCLI calls from the config's
+    ``seed_everything`` and exports as ``PL_GLOBAL_SEED``).
+    """
+    if seed is None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    words = [seed & 0xFFFFFFFFFFFFFFFF, step, micro, rank]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1  # manual_seed: below 2**63
+
+
 def _clean_name(name: str) -> str:
     """A parameter's name without the FSDP / activation-checkpointing wrapper levels."""
     return _WRAPPER_PREFIXES.sub("", name)
@@ -463,6 +489,7 @@ def load_stage_checkpoint(path: str | Path, map_location: str = "cpu") -> StageM
     if not hp.get("stage"):
         raise ValueError(f"{path} is not a genie stage checkpoint (no 'stage' in its hyper-parameters)")
     return stage_from_state(hp, ckpt["state_dict"])
+
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` of a Lightning checkpoint; :class:`DamagedFileError` for a broken file.

@@ -26,11 +26,15 @@ def test_validation_yields_every_clip_once_with_exact_frames(indexed_shards, cli
     assert [len(b["keys"]) for b in batches] == [3, 3, 2]  # last partial batch kept
     for b in batches:
         assert b["frames"].dtype == torch.uint8 and b["frames"].shape[1:] == (4, 16, 16, 3)
-        for key, start, frames, acts in zip(b["keys"], b["starts"], b["frames"], b["actions"], strict=True):
+        assert "actions" not in b  # one action per frame pair: none fits a step of 2 frames
+        for key, start, frames in zip(b["keys"], b["starts"], b["frames"], strict=True):
             c = int(key[len("clip") :].split("_")[0])
             idx = int(start) + 2 * np.arange(4)
             assert np.array_equal(frames.numpy(), clip_pixels(c, 12, 16)[idx])  # decoded exactly those frames
-            assert acts.tolist() == (idx[:-1] + 100 * c).tolist()  # actions aligned with the window
+    for b in ClipStream(str(folder), num_frames=4, batch_size=3, train=False):  # stride 1: the actions come along
+        for key, start, acts in zip(b["keys"], b["starts"], b["actions"], strict=True):
+            c = int(key[len("clip") :].split("_")[0])
+            assert acts.tolist() == (int(start) + np.arange(3) + 100 * c).tolist()  # aligned with the window
     # the same windows on every pass
     again = list(ClipStream(str(folder), num_frames=4, frame_stride=2, batch_size=3, train=False))
     assert [b["starts"].tolist() for b in again] == [b["starts"].tolist() for b in batches]
@@ -61,23 +65,18 @@ def test_assign_shards_two_ranks_two_workers_disjoint_and_covering():
 def test_two_ranks_two_workers_read_disjoint_shards(shard_factory, monkeypatch):
     folder, keys = shard_factory("many", clips=16, shard_size=2)  # 8 shards
     seen: dict[tuple[int, int], set[str]] = {}
-    urls: dict[tuple[int, int], set[str]] = {}
+    first_blocks: dict[tuple[int, int], set[str]] = {}
     for rank in range(2):
         for wid in range(2):
             monkeypatch.setattr(loader_mod, "get_worker_info", lambda w=wid: SimpleNamespace(id=w, num_workers=2))
             ds = ClipStream(str(folder), num_frames=2, batch_size=2, train=False, rank=rank, world_size=2)
             seen[(rank, wid)] = set(_keys(ds))
-            # training streams draw from the same split
-            tr = ClipStream(str(folder), num_frames=2, batch_size=2, train=True, rank=rank, world_size=2)
-            mine, _, _ = tr.my_shards()
-            urls[(rank, wid)] = set(mine)
-            it = iter(tr)
-            train_keys = {k for _ in range(6) for k in next(it)["keys"]}
-            assert train_keys <= seen[(rank, wid)]
-    all_keys = [k for s in seen.values() for k in s]
-    assert len(all_keys) == len(set(all_keys)) and set(all_keys) == set(keys)
-    all_urls = [u for s in urls.values() for u in s]
-    assert len(all_urls) == len(set(all_urls)) == 8
+            # training: each consumer's first block is 2 shards of the epoch's permutation, 4 clips in 2 batches
+            it = iter(ClipStream(str(folder), num_frames=2, batch_size=2, train=True, rank=rank, world_size=2))
+            first_blocks[(rank, wid)] = {k for _ in range(2) for k in next(it)["keys"]}
+    for split in (seen, first_blocks):
+        all_keys = [k for s in split.values() for k in s]
+        assert len(all_keys) == len(set(all_keys)) and set(all_keys) == set(keys)
 
 
 def test_real_dataloader_workers_split_the_validation_set(shard_factory):

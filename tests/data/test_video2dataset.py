@@ -322,3 +322,38 @@ def test_inspect_does_not_call_video2dataset_shards_broken(v2d, tmp_path, capsys
     assert report["bad"] == 6
     assert main(["prep", "inspect", str(folder), "--no-sheet"]) == 0
     assert "whole videos" in capsys.readouterr().out
+
+
+def test_long_videos_give_windows_in_proportion_to_their_length(tmp_path):
+    """A pass over whole videos takes one window per `video_window_every` frames (stratified over the video), so a
+    long video is not seen as rarely as a short one; the windows are still the right frames."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    lengths = {"000000000": 120, "000000001": 24}  # 5x longer
+    sources = {}
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i, (key, n) in enumerate(lengths.items()):
+            sources[key] = source_video(n, 36, 36, i)
+            mp4 = encode_clip(sources[key], 25, gop=8, lossless=True)
+            write_sample(tar, key, {"mp4": mp4, "json": v2d_json(key, 36, 36, n, 25)})
+
+    def one_pass(**kw) -> list[tuple[str, int]]:
+        ds = ClipStream(str(folder), num_frames=4, batch_size=1, resolution=SIZE, shuffle_buffer=64, seed=2, **kw)
+        it = iter(ds)
+        out = []
+        while True:
+            b = next(it)
+            if b["position"][0] > 0:  # the second pass (block) began
+                return out
+            out.append((b["keys"][0], int(b["starts"][0])))
+            if len(out) == 1:
+                idx = int(b["starts"][0]) + np.arange(4)
+                assert_window_matches(b["frames"][0].numpy(), sources[b["keys"][0]], idx)
+
+    windows = one_pass(video_window_every=24)
+    counts = {k: sum(1 for key, _ in windows if key == k) for k in lengths}
+    assert counts == {"000000000": 4, "000000001": 1}  # (120 - 3) // 24 and at least one
+    long_starts = sorted(s for k, s in windows if k == "000000000")
+    assert [s * 4 // 117 for s in long_starts] == [0, 1, 2, 3]  # one window in each quarter of the valid starts
+    assert len(one_pass(video_window_every=24, max_video_windows=2)) == 3  # capped: 2 + 1
+    assert len(one_pass(video_window_every=None)) == 2  # the old behaviour: one window per video

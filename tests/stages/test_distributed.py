@@ -58,7 +58,20 @@ class Recorder(Callback):
         self.out = Path(out)
         self.keys: list[str] = []
         self.grad_norms: list[float] = []
+        self.masks: list[str] = []  # digests of the MaskGIT masks the dynamics stage drew
         self.checkpointing = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        net = getattr(pl_module, "net", None)
+        if hasattr(net, "random_mask"):
+            draw = net.random_mask
+
+            def recording(*args, **kwargs):
+                mask = draw(*args, **kwargs)
+                self.masks.append(hashlib.sha256(mask.cpu().numpy().tobytes()).hexdigest())
+                return mask
+
+            net.random_mask = recording
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.keys += batch["keys"]
@@ -77,7 +90,7 @@ class Recorder(Callback):
             for name, tensor in sorted(pl_module.named_parameters()):
                 sha.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
             digest = sha.hexdigest()
-        record = {"keys": self.keys, "grad_norms": self.grad_norms, "weights": digest}
+        record = {"keys": self.keys, "grad_norms": self.grad_norms, "weights": digest, "masks": self.masks}
         record["checkpointing"] = self.checkpointing
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -194,6 +207,9 @@ def test_ddp_ranks_see_different_clips_and_end_identical(stage: str, request):
     assert ranks[0]["weights"] == ranks[1]["weights"]  # bit-identical replicas
     assert ranks[0]["grad_norms"] == ranks[1]["grad_norms"]  # same averaged gradients, same clipping and checks
     assert ranks[0]["checkpointing"] == (stage == "tokenizer")  # --gradient_checkpointing reached every stack
+    if stage == "dynamics":  # each rank draws its own MaskGIT masks (one seed everywhere would repeat them)
+        assert len(ranks[0]["masks"]) == len(ranks[1]["masks"]) == STEPS
+        assert all(a != b for a, b in zip(ranks[0]["masks"], ranks[1]["masks"], strict=True))
     last = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == STEPS and last["nonfinite"]["skipped"] == 0
     assert (root / "export" / "model.safetensors").is_file()

@@ -192,3 +192,35 @@ def test_continuous_actions_and_require_actions(tmp_path, shard_factory):
         )
     b = next(iter(ClipStream(str(tmp_path / "cont"), num_frames=3, batch_size=1, train=False)))
     assert b["actions"].dtype == torch.float32 and b["actions"].shape == (1, 2, 7)
+
+
+def _token_shard(out, frames: int = 8) -> None:
+    from genie.data.contract import ShardWriter
+
+    with ShardWriter(out) as w:
+        for c in range(3):
+            meta = ClipMeta(source="tok", fps=10.0, frames=frames, width=16, height=16, video_id=f"v{c}")
+            members = {"json": meta.to_bytes(), "tokens.npy": npy_bytes(np.zeros((frames, 2, 2), np.uint16))}
+            members["latent_actions.npy"] = npy_bytes(np.arange(frames - 1, dtype=np.int64))
+            w.write(f"v{c}_000000", members)
+
+
+def test_actions_at_a_frame_stride_are_refused_or_left_out(tmp_path, shard_factory):
+    """One action per consecutive frame pair: at frame_stride 2 no action fits a step, so none is ever misaligned."""
+    folder, _ = shard_factory("acts", clips=4)
+    with pytest.raises(DataError, match="frame_stride=1"):
+        next(iter(ClipStream(str(folder), num_frames=3, frame_stride=2, batch_size=2, require_actions=True)))
+    b = next(iter(ClipStream(str(folder), num_frames=3, frame_stride=2, batch_size=2)))
+    assert "actions" not in b and b["frames"].shape[1] == 3
+    dm = VideoDataModule(str(folder), num_frames=3, frame_stride=2, require_actions=True)
+    with pytest.raises(DataError, match="actions.npy holds one action per consecutive frame pair"):
+        dm.check(resolution=16)
+    VideoDataModule(str(folder), num_frames=3, frame_stride=2).check(resolution=16)  # not required: fine
+    tokens = tmp_path / "tok"
+    _token_shard(tokens)
+    with pytest.raises(DataError, match="latent_actions.npy"):
+        VideoDataModule(str(tokens), num_frames=3, frame_stride=2).check(resolution=16)
+    with pytest.raises(DataError, match="latent_actions.npy"):
+        next(iter(ClipStream(str(tokens), num_frames=3, frame_stride=2, batch_size=2)))
+    b = next(iter(ClipStream(str(tokens), num_frames=3, batch_size=2)))  # stride 1: the actions of the window
+    assert b["latent_actions"].tolist() == [[s, s + 1] for s in b["starts"].tolist()]

@@ -233,7 +233,7 @@ def test_large_dynamics_fsdp_settings_on_cpu_match_ddp(sprites_shards: Path, fro
     assert ckpt["state_dict"].keys() == ddp_ckpt["state_dict"].keys()  # no FSDP or checkpoint-wrapper prefixes
     for k, v in ckpt["state_dict"].items():
         assert v.shape == ddp_ckpt["state_dict"][k].shape, k
-    # weight decay grouped the same way (FSDP flattens parameters; the stage remembers their true shapes)
+    # weight decay grouped the same way (FSDP flattens parameters; the stage decided decay per layer kind in setup)
     groups = [len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"]]
     assert groups == [len(g["params"]) for g in ddp_ckpt["optimizer_states"][0]["param_groups"]]
     # the export is the gathered model, the same as the checkpoint

@@ -111,6 +111,14 @@ def test_config_that_does_not_fit_the_frozen_parts_is_one_line(sprites_shards: P
     assert "not an exported model folder" in capsys.readouterr().err
 
 
+def test_token_shards_at_a_frame_stride_are_refused_in_one_line(token_shards: Path, frozen, tmp_path: Path, capsys):
+    """Latent actions are per consecutive frame pair: a stride of 2 would pair frame t with t+2's action."""
+    args = fit_args(TINY, token_shards, tmp_path, *frozen, "--trainer.max_steps=1", "--data.frame_stride=2")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "latent_actions.npy" in err and "frame_stride=1" in err
+
+
 @pytest.mark.parametrize("setup", ["coinrun", "large"])
 def test_gpu_configs_scaled_down_run_a_step(setup: str, sprites_shards: Path, frozen, tmp_path: Path):
     config = ROOT / "configs" / setup / "dynamics.yaml"

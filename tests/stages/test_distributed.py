@@ -215,6 +215,7 @@ def test_ddp_ranks_see_different_clips_and_end_identical(stage: str, request):
     assert (root / "export" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # ~18 s each here (2026-12-06); FSDP is still run by `pytest -m slow`
 def test_large_dynamics_fsdp_settings_on_cpu_match_ddp(sprites_shards: Path, frozen, dynamics_ddp, tmp_path: Path):
     """The large dynamics config's FSDP settings (one unit and activation checkpointing per ST block), clipping that
     bites, against DDP on the same data: the same global gradient norm every step, and a checkpoint and an export
@@ -281,6 +282,7 @@ class RestartProbe(Callback):
         (self.out / f"probe{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+@pytest.mark.slow  # ~18 s each here (2026-12-06); FSDP is still run by `pytest -m slow`
 def test_tokenizer_under_fsdp_restarts_dead_codes_into_every_shard(sprites_shards: Path, tmp_path: Path):
     """FSDP and dead-code restarts: inside forward the codebook is a view of a temporary gathered parameter, so the
     restarts wait until after the optimizer step and are written into the shards (summon_full_params); the probe

@@ -7,9 +7,14 @@ What must hold on held-out clips (prompted with one real frame, rolled out 4 ste
   clip better than driving it with random actions (ΔtPSNR at t = 4 clearly positive);
 - prediction: the rollout with inferred actions beats copying the prompt frame (mean PSNR over steps 1-4).
 
-Measured (2-core CPU, whole fixture chain ~2.7 min): ΔtPSNR(4) +3 to +5 dB; PSNR per step ~38 / 27 / 20 /
-15 dB against the copy baseline's 14 / 36 / 14 / 25 (the sprite is back where it started after two steps a
-quarter of the time, and identical frames count 100 dB). Past ~4 steps the tiny world drifts (the tiny
+Measured (2026-12-06, 2-core EPYC, fixture chain ~6 min on that slow machine; tokenizer 400 steps, LAM 300, dynamics
+700): dynamics seeds 0 / 1 / 2 on the seed-0 tokenizer and LAM gave ΔtPSNR(4) +18.3 / +19.8 / +7.6 dB and mean
+PSNR 41.0 / 41.9 / 33.4 dB against 23.7 for copying the prompt. Not fewer dynamics steps: at 400 the same
+seeds gave ΔtPSNR ~0 and PSNR below copying (the dynamics starts to use the action between 400 and 700 steps).
+Not a 200-step tokenizer: at 23 dB (half the seeds) the world fell below copying. Earlier (older, weaker
+tokenizers): ΔtPSNR(4) +3 to +5 dB; PSNR per step ~38 / 27 / 20 / 15 dB against the copy baseline's
+14 / 36 / 14 / 25 (the sprite is back where it started after two steps a quarter of the time, and identical
+frames count 100 dB). Past ~4 steps the tiny world drifts (the tiny
 tokenizer's decoder infers the background colour from all tokens together, so a few wrong tokens recolour
 the frame): see the closing notes.
 """

@@ -16,20 +16,16 @@ from genie.stages.tokenizer import TokenizerStage
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+# the ST-transformer shape both tiny stages share
+TINY = dict(image_size=16, patch_size=4, num_frames=3, width=32, encoder_depth=1, decoder_depth=1, num_heads=2)
+
+
 def tiny_lam() -> LAMStage:
-    model = LAMConfig(
-        image_size=16, patch_size=4, num_frames=3, width=32, encoder_depth=1, decoder_depth=1, num_heads=2,
-        mlp_ratio=2.0, code_dim=8, num_actions=4,
-    )  # fmt: skip
-    return LAMStage(model=model)
+    return LAMStage(model=LAMConfig(**TINY, mlp_ratio=2.0, code_dim=8, num_actions=4))
 
 
 def tiny_tokenizer() -> TokenizerStage:
-    model = TokenizerConfig(
-        image_size=16, patch_size=4, num_frames=3, width=32, encoder_depth=1, decoder_depth=1, num_heads=2,
-        mlp_ratio=2.0, code_dim=8, num_codes=16,
-    )  # fmt: skip
-    return TokenizerStage(model=model)
+    return TokenizerStage(model=TokenizerConfig(**TINY, mlp_ratio=2.0, code_dim=8, num_codes=16))
 
 
 def optimizer_groups(stage: StageModule) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:

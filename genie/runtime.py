@@ -1,4 +1,5 @@
-"""Process-wide CPU settings the commands apply once at start: subnormal flushing and glibc malloc tuning.
+"""Process-wide settings the commands apply once at start: subnormal flushing, glibc malloc tuning, and quiet
+third-party chatter (:func:`quiet_third_party`).
 
 Both are about the CPU and both are measured (numbers below); neither changes results beyond flushing values
 under 1e-38 to zero.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import sys
+import warnings
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -66,3 +69,28 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # order matters: setting the mmap threshold turns off glibc's dynamic thresholds, trim included
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+# What a newcomer's terminal should not show: they say nothing about their run. Real warnings stay.
+_LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+_TIP_PREFIX = "💡 Tip:"  # Lightning's adverts for its cloud products (litlogger, litmodels), on every Trainer
+# Lightning 2.6's own pytree helper calls an API torch 2.13 deprecated: nothing a user can act on
+_NOISE_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_TIP_PREFIX)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party tips and deprecation notices that say nothing to a user (idempotent).
+
+    Drops Lightning's "💡 Tip" product adverts and the ``LeafSpec`` deprecation warning that Lightning's own code
+    triggers under torch 2.13. Everything else Lightning, torch and friends log or warn still shows.
+    """
+    logger = logging.getLogger(_LIGHTNING_INFO_LOGGER)
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    for message in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)

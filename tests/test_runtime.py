@@ -74,3 +74,27 @@ def test_flush_denormals_flushes_without_numpy_warnings():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0.0" and "Warning" not in out.stderr
+
+
+def test_third_party_tips_and_deprecation_noise_are_dropped_real_messages_kept(caplog):
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from genie.runtime import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        quiet_third_party()  # idempotent
+        leaf = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`"
+        warnings.warn(leaf, FutureWarning, stacklevel=1)
+        warnings.warn("a real warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a real warning"]
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info(
+            "💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)"
+        )
+        rank_zero_info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]

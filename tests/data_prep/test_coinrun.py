@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.coinrun import NUM_ACTIONS, load_procgen
+from data_prep.coinrun import EXPLORE_WEIGHTS, NUM_ACTIONS, RIGHT, RIGHT_UP, UP, Policy, load_procgen
 from data_prep.common import PrepError
 from genie.cli import main
 from genie.data.contract import ClipMeta, npy_load, read_samples
@@ -143,11 +143,78 @@ def test_overlapping_val_levels_are_refused(tmp_path, capsys):
     assert rc == 2 and "overlaps" in capsys.readouterr().err
 
 
+def clip_actions(folder: Path) -> list[np.ndarray]:
+    return [npy_load(m["actions.npy"]) for _, m in samples(folder)]
+
+
+def repeat_share(clips: list[np.ndarray]) -> float:
+    return float(np.mean(np.concatenate([a[1:] == a[:-1] for a in clips])))
+
+
 def test_actions_cover_the_action_space(tiny):
-    actions = np.concatenate([npy_load(m["actions.npy"]) for _, m in samples(tiny / "train") + samples(tiny / "val")])
-    assert len(np.unique(actions)) >= 12
-    repeats = np.mean(actions[1:] == actions[:-1])
-    assert 0.3 < repeats < 0.8  # sticky 0.5 (+1/15 chance redraws): held actions, not constant ones
+    train = clip_actions(tiny / "train")
+    assert len(np.unique(np.concatenate(train))) >= 12
+    assert 0.3 < repeat_share(train) < 0.8  # sticky 0.5 (+1/15 chance redraws): held actions, not constant ones
+
+
+def test_val_uses_the_val_policy_uniform_by_default(tiny):
+    """Validation keeps GenieRedux's evaluation policy (i.i.d. uniform) whatever the training policy."""
+    for split, policy, sticky in (("train", "sticky", 0.5), ("val", "uniform", 0.0)):
+        settings = json.loads((tiny / split / "prep_settings.json").read_text())
+        assert (settings["policy"], settings["sticky"], settings["action_weights"]) == (policy, sticky, None)
+        assert {ClipMeta.from_bytes(m["json"]).extra["policy"] for _, m in samples(tiny / split)} == {policy}
+    assert repeat_share(clip_actions(tiny / "val")) < 0.2  # i.i.d.: 1/15 expected (train: ~0.53)
+
+
+def test_explore_policy_draws_its_distribution_and_keeps_every_action():
+    """The policy alone, 40k steps: marginals are the weights (sticky repeats don't change them), held ~half."""
+    policy = Policy.make("explore", 0.5)
+    rng = np.random.default_rng(0)
+    actions, a = [], -1
+    for _ in range(40_000):
+        a = policy.next_action(rng, a)
+        actions.append(a)
+    share = np.bincount(actions, minlength=NUM_ACTIONS) / len(actions)
+    expected = np.asarray(EXPLORE_WEIGHTS) / sum(EXPLORE_WEIGHTS)
+    np.testing.assert_allclose(share, expected, atol=0.012)
+    assert share[[RIGHT, RIGHT_UP, UP]].sum() > 0.5 and share.min() > 0.025
+    acts = np.asarray(actions)
+    assert np.mean(acts[1:] == acts[:-1]) == pytest.approx(0.5 + 0.5 * (expected**2).sum(), abs=0.015)
+
+
+def test_explore_prep_histogram_settings_and_refused_mismatch(tiny, tmp_path, capsys):
+    """`--policy explore` on generated episodes: RIGHT / RIGHT+UP / UP dominate, every action still shows up,
+    the policy is in the settings (val stays uniform), the shards are the same for any --workers, and a
+    folder made with another policy is refused unless --overwrite."""
+    more = ["--episodes", "12", "--max-episode-frames", "64", "--val-episodes", "1", "--policy", "explore"]
+    out = prep(tmp_path / "x", *more, "--workers", "0")
+    train = clip_actions(out / "train")
+    acts = np.concatenate(train)
+    share = np.bincount(acts, minlength=NUM_ACTIONS) / len(acts)
+    assert len(acts) > 300 and len(np.unique(acts)) >= 13
+    assert 0.3 < share[[RIGHT, RIGHT_UP]].sum() < 0.6  # 0.44 expected; uniform: 0.13
+    assert share[UP] > 0.05 and 0.3 < repeat_share(train) < 0.8
+    settings = json.loads((out / "train" / "prep_settings.json").read_text())
+    assert settings["policy"] == "explore" and settings["action_weights"] == list(EXPLORE_WEIGHTS)
+    assert json.loads((out / "val" / "prep_settings.json").read_text())["policy"] == "uniform"
+    assert digests(prep(tmp_path / "y", *more, "--workers", "2", "--episodes-per-job", "5")) == digests(out)
+
+    # a cached folder made with the sticky policy: refused for explore, replaced with --overwrite
+    cached = tmp_path / "cached"
+    for f in tiny.rglob("*"):
+        if f.is_file():
+            (cached / f.relative_to(tiny)).parent.mkdir(parents=True, exist_ok=True)
+            (cached / f.relative_to(tiny)).write_bytes(f.read_bytes())
+    capsys.readouterr()
+    argv = ["prep", "coinrun", "--out", str(cached), *TINY, "--shard-size", "4", "--workers", "0"]
+    argv += ["--seed", "0", "--episodes-per-job", "2"]  # the fixture's settings: a plain rerun reuses it
+    assert main(argv) == 0 and digests(cached) == digests(tiny)
+    capsys.readouterr()
+    assert main([*argv, "--policy", "explore"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main([*argv, "--val-policy", "sticky"]) == 2  # the val split alone differs: refused too
+    assert main([*argv, "--policy", "explore", "--overwrite"]) == 0
+    assert json.loads((cached / "train" / "prep_settings.json").read_text())["policy"] == "explore"
 
 
 def test_resized_lossy_option(tmp_path, procgen_env):

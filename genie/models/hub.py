@@ -16,8 +16,10 @@ disk) is a :class:`DamagedFileError` that names the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,30 @@ def damaged_safetensors(folder: Path) -> tuple[Path, str] | None:
     return None
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars off inside, as they were after.
+
+    Around local reads and writes of genie models: a genie model is one small ``model.safetensors``, so
+    transformers' "Loading weights" and "Writing model shards" bars only flash 0-100 % on stderr, once per model
+    a command loads or exports. Downloads from the Hub keep their bars (not wrapped).
+    """
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_on, hub_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # both libraries' bars
+    try:
+        yield
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()  # (turns the Hub's on too)
+        if hub_off:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
+
+
 def model_fields(config: PreTrainedConfig) -> dict[str, Any]:
     """The model's own config fields as a plain dict (no transformers bookkeeping).
 
@@ -113,9 +139,10 @@ class GeniePreTrainedModel(PreTrainedModel):
         if (folder / "config.json").is_file():
             read_json(folder / "config.json")  # transformers' own report is an OSError with a traceback
         try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
+            with no_progress_bars() if folder.is_dir() else contextlib.nullcontext():
+                model, info = super().from_pretrained(
+                    pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                )
         except SafetensorError as e:
             # a local folder: name the very file (one of several shards, maybe); a Hub repo: its weights
             found = damaged_safetensors(folder) if folder.is_dir() else None
@@ -126,6 +153,11 @@ class GeniePreTrainedModel(PreTrainedModel):
             if bad:
                 raise RuntimeError(f"{cls.__name__}: checkpoint does not match the model: {bad}")
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained`` without its "Writing model shards" progress bar (one small file)."""
+        with no_progress_bars():
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 def register_auto(config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel]) -> None:

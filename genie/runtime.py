@@ -74,8 +74,14 @@ def keep_freed_memory() -> bool:
 # What a newcomer's terminal should not show: they say nothing about their run. Real warnings stay.
 _LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 _TIP_PREFIX = "💡 Tip:"  # Lightning's adverts for its cloud products (litlogger, litmodels), on every Trainer
-# Lightning 2.6's own pytree helper calls an API torch 2.13 deprecated: nothing a user can act on
-_NOISE_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+_NOISE_WARNINGS = (
+    # Lightning 2.6's own pytree helper calls an API torch 2.13 deprecated: nothing a user can act on
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Lightning checks module modes before the stage's on_train_start: genie's stages load their pretrained parts
+    # (eval mode, as from_pretrained hands them over) and set the trained ones to train mode there, and keep frozen
+    # ones in eval on purpose (fine-tuning with the dynamics model frozen)
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+)
 
 
 class _DropTips(logging.Filter):
@@ -86,8 +92,12 @@ class _DropTips(logging.Filter):
 def quiet_third_party() -> None:
     """Silence third-party tips and deprecation notices that say nothing to a user (idempotent).
 
-    Drops Lightning's "💡 Tip" product adverts and the ``LeafSpec`` deprecation warning that Lightning's own code
-    triggers under torch 2.13. Everything else Lightning, torch and friends log or warn still shows.
+    Drops Lightning's "💡 Tip" product adverts, the ``LeafSpec`` deprecation warning that Lightning's own code
+    triggers under torch 2.13, and its "Found N module(s) in eval mode" warning (genie's stages set their modules'
+    modes themselves, after Lightning looks). Everything else Lightning, torch and friends log or warn still
+    shows. Elsewhere: transformers' load/save progress bars (:func:`genie.models.hub.no_progress_bars`), wandb's
+    ``anonymous`` deprecation, Lightning's model summary table and its live bar in a pipe (:mod:`genie.train`),
+    gym's import notice (:func:`data_prep.coinrun.load_procgen`).
     """
     logger = logging.getLogger(_LIGHTNING_INFO_LOGGER)
     if not any(isinstance(f, _DropTips) for f in logger.filters):

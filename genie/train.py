@@ -15,7 +15,10 @@ trainer. Defaults every stage gets:
   ``--compile`` compiles the ST blocks;
 - the wandb logger, offline unless you are logged in (``WANDB_MODE`` / ``WANDB_API_KEY``);
 - the data checked against the model before the first step (resolution, clip length, paths);
-- at the end, the model exported in the Hugging Face layout to ``<root>/export``.
+- at the end, the model exported in the Hugging Face layout to ``<root>/export``;
+- when stdout is not a terminal (a pipe, a log file, a notebook) or the progress bar is off, a plain progress
+  line every 10 % of ``max_steps`` or 30 s (:class:`PlainProgress`) instead of Lightning's live bar, which
+  shows nothing there until the end; the model summary is one line.
 """
 
 from __future__ import annotations
@@ -29,10 +32,17 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelSummary,
+    RichModelSummary,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from genie.data.datamodule import VideoDataModule
 from genie.models.hub import DamagedFileError
@@ -80,6 +90,129 @@ class ExportOnFitEnd(Callback):
         (path / "training.json").write_text(json.dumps(record, indent=1))
         what = "world bundle" if (path / "world.json").is_file() else type(pl_module.net).__name__
         rank_zero_info(f"exported {what} to {path}")
+
+
+def stage_name(pl_module: LightningModule) -> str:
+    """``TokenizerStage`` -> ``tokenizer``: how progress lines name the stage."""
+    name = type(pl_module).__name__
+    return (name[: -len("Stage")] if name.endswith("Stage") and name != "Stage" else name).lower()
+
+
+class PlainProgress(Callback):
+    """A plain line now and then while a stage trains, for output that is not a live terminal.
+
+    Lightning's progress bar redraws one line in place: piped to a file or another program its Rich bar shows
+    nothing until the run ends (and tqdm's floods carriage returns). This prints, on rank zero, a line whenever
+    training passes another ``every_fraction`` of ``max_steps`` or ``every_seconds`` have gone by since the last
+    one (a run stopped by ``max_time`` is not a fraction of its steps), one after each validation, and one at
+    the end::
+
+        [tokenizer] step 120/400 (30%) · loss 0.0213 · train/psnr 24.1 · 41 s, 2.9 steps/s
+        [tokenizer] validation at step 200: val/psnr 25.3
+
+    Args:
+        every_seconds: longest gap between two lines during training.
+        every_fraction: also a line each time this share of ``max_steps`` is done.
+    """
+
+    def __init__(self, every_seconds: float = 30.0, every_fraction: float = 0.1):
+        self.every_seconds, self.every_fraction = every_seconds, every_fraction
+        self.started = self.last_line = 0.0
+        self.first_step = 0
+        self.next_mark = 0
+
+    def _print(self, trainer: Trainer, pl_module: LightningModule, text: str) -> None:
+        if trainer.is_global_zero:
+            print(f"[{stage_name(pl_module)}] {text}", flush=True)
+
+    def _mark_after(self, trainer: Trainer, step: int) -> int:
+        """The first step at a multiple of ``every_fraction * max_steps`` after ``step`` (never for no max_steps)."""
+        if trainer.max_steps is None or trainer.max_steps <= 0:
+            return 2**62
+        stride = max(1, round(trainer.max_steps * self.every_fraction))
+        return (step // stride + 1) * stride
+
+    def _metrics(self, trainer: Trainer, prefix: str) -> str:
+        shown = {k: v for k, v in trainer.progress_bar_metrics.items() if k.startswith(prefix)}
+        loss = trainer.callback_metrics.get(f"{prefix}loss")
+        if loss is not None:
+            shown = {f"{prefix}loss" if prefix == "val/" else "loss": float(loss), **shown}
+        return " · ".join(f"{k} {v:.4g}" for k, v in shown.items() if k != "train/loss")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = self.last_line = time.monotonic()
+        self.first_step = trainer.global_step
+        self.next_mark = self._mark_after(trainer, trainer.global_step)
+        limit = f"of {trainer.max_steps}" if trainer.max_steps > 0 else "(no max_steps)"
+        self._print(trainer, pl_module, f"training from step {trainer.global_step} {limit}")
+
+    def _line(self, trainer: Trainer, pl_module: LightningModule, head: str) -> None:
+        now = time.monotonic()
+        step, elapsed = trainer.global_step, now - self.started
+        total = f"/{trainer.max_steps} ({step / trainer.max_steps:.0%})" if trainer.max_steps > 0 else ""
+        rate = (step - self.first_step) / max(elapsed, 1e-9)
+        metrics = self._metrics(trainer, "train/")
+        self._print(
+            trainer,
+            pl_module,
+            f"{head}step {step}{total}{' · ' + metrics if metrics else ''} · {elapsed:.0f} s, {rate:.3g} steps/s",
+        )
+        self.last_line = now
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if 0 < trainer.max_steps <= step:
+            return  # the last step: on_train_end's line says it
+        if step >= self.next_mark or time.monotonic() - self.last_line >= self.every_seconds:
+            self.next_mark = self._mark_after(trainer, step)
+            self._line(trainer, pl_module, "")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = self._metrics(trainer, "val/")
+        self._print(trainer, pl_module, f"validation at step {trainer.global_step}: {metrics or '-'}")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._line(trainer, pl_module, "done: ")
+
+
+def name_bar_by_stage(bar: RichProgressBar, name: str) -> None:
+    """Lightning's Rich bar titled with the stage (``tokenizer``) instead of ``Epoch 0/-2``: stages train by
+    steps over endless streams (``max_epochs`` -1), so the epoch says nothing."""
+    original = bar._get_train_description
+
+    def describe(current_epoch: int) -> str:
+        if bar.trainer.max_epochs is not None and bar.trainer.max_epochs > 0:
+            return original(current_epoch)
+        return f"{name:<{len('Validation')}}"  # as long as the validation bar's title: no flicker
+
+    bar._get_train_description = describe  # type: ignore[method-assign]
+
+
+class OneLineSummary(ModelSummary):
+    """Lightning's model summary as one line: the top-level modules with their parameter counts.
+
+    Lightning's table (Rich's, 12 lines) has one row per top-level module, a stage has one or two, and a FLOPs
+    column that reads 0 for every genie stage (it needs an ``example_input_array``).
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        cols = dict(summary_data)
+        parts = ", ".join(f"{n} ({t}, {p})" for n, t, p in zip(cols["Name"], cols["Type"], cols["Params"], strict=True))
+        rank_zero_info(
+            f"model: {parts}; {get_human_readable_count(trainable_parameters)} of "
+            f"{get_human_readable_count(total_parameters)} parameters trainable, {model_size:.1f} MB"
+        )
 
 
 def whole_stage(trainer: Trainer, pl_module: StageModule) -> StageModule | None:
@@ -200,6 +333,8 @@ class GenieCLI(LightningCLI):
         if not trainer.get("max_steps") or trainer["max_steps"] < 0:
             raise ConfigError("set trainer.max_steps: stages train by steps over endless shard streams")
         self.check_strategy(cfg)
+        if trainer.get("enable_progress_bar") is None and not sys.stdout.isatty():
+            trainer["enable_progress_bar"] = False  # a live bar shows nothing in a pipe: PlainProgress instead
         if trainer.get("logger") is None or trainer.get("logger") is True:
             if not wandb_logged_in():
                 os.environ.setdefault("WANDB_MODE", "offline")
@@ -234,6 +369,20 @@ class GenieCLI(LightningCLI):
             trainer.callbacks.append(ExportOnFitEnd(cfg.get("export_dir")))
         if trainer.loggers and not any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if trainer.progress_bar_callback is None and not any(isinstance(cb, PlainProgress) for cb in trainer.callbacks):
+            trainer.callbacks.append(PlainProgress())
+        elif isinstance(trainer.progress_bar_callback, RichProgressBar):
+            name_bar_by_stage(trainer.progress_bar_callback, stage_name(self.model))
+        # Lightning's own summary (the one it adds when the config names none) -> one line
+        trainer.callbacks[:] = [
+            OneLineSummary() if type(cb) in (ModelSummary, RichModelSummary) and cb._max_depth == 1 else cb
+            for cb in trainer.callbacks
+        ]
+        for logger in trainer.loggers:
+            # Lightning passes wandb `anonymous=None`, which wandb (0.31 here) answers with a deprecation warning
+            init = getattr(logger, "_wandb_init", None)
+            if isinstance(init, dict) and init.get("anonymous", "") is None:
+                del init["anonymous"]
         if cfg.get("ckpt_path") == "last":
             # ours, and the one Lightning writes on SLURM's pre-emption signal before requeueing the job
             newest = newest_checkpoint([*(root / "checkpoints").glob("*.ckpt"), *root.glob("hpc_ckpt_*.ckpt")])

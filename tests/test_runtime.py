@@ -1,7 +1,9 @@
 """genie/runtime.py: the process-wide CPU settings every `genie` command applies."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +100,42 @@ def test_third_party_tips_and_deprecation_noise_are_dropped_real_messages_kept(c
         )
         rank_zero_info("GPU available: False, used: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
+# a few seconds of training: a 24-px sprites tokenizer shrunk to width 32, one block each side
+TINY_FIT = [
+    "--config", "configs/tiny/sprites_tokenizer.yaml", "--trainer.max_steps=10", "--trainer.val_check_interval=5",
+    "--trainer.limit_val_batches=1", "--data.batch_size=4", "--data.num_workers=0", "--model.init_args.model.width=32",
+    "--model.init_args.model.num_heads=2", "--model.init_args.model.encoder_depth=1",
+    "--model.init_args.model.decoder_depth=1",
+]  # fmt: skip
+NOISE = ["Tip", "LeafSpec", "Writing model shards", "Loading weights", "anonymous", "FLOPs", "in eval mode"]
+
+
+def test_piped_fit_prints_plain_progress_lines_and_no_third_party_noise(tmp_path):
+    """`genie fit` with stdout piped (not a terminal): plain `[stage] step ...` lines instead of Lightning's live
+    bar, a line after each validation, a one-line model summary, and none of the known third-party chatter
+    (wandb's logger on, offline, as by default)."""
+    from genie.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "sprites"
+    args = ["prep", "sprites", "--out", str(data), "--size", "24", "--step", "4", "--sprite-size", "4"]
+    assert main([*args, "--episodes", "24", "--val-episodes", "4", "--distractors", "0", "--workers", "0"]) == 0
+    fit = ["fit", *TINY_FIT, f"--data.train_shards={data / 'train'}", f"--data.val_shards={data / 'val'}"]
+    fit += [f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    code = "import sys; from genie.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *fit], capture_output=True, text=True, cwd=root, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("[tokenizer] step ")]
+    assert steps and "loss" in steps[0] and "steps/s" in steps[0], out.stdout
+    assert any(line.startswith("[tokenizer] validation at step 5: val/loss") for line in lines), out.stdout
+    assert any(line.startswith("[tokenizer] done: step 10/10") for line in lines), out.stdout
+    assert "━" not in out.stdout and "Epoch" not in out.stdout  # no live bar
+    assert "model: net (VideoTokenizer" in out.stderr
+    for text in NOISE:
+        assert text not in out.stdout + out.stderr, text

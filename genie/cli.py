@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from genie.runtime import flush_denormals, keep_freed_memory, quiet_third_party
+from genie.runtime import flush_denormals, keep_freed_memory, quiet_third_party, sparse_progress_bars_when_piped
 
 # (group, name) -> (module path, help). Each module provides add_arguments(parser) and run(args).
 COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # before the first big allocation (genie/runtime.py)
     quiet_third_party()  # no product tips or deprecation notices the user cannot act on
+    sparse_progress_bars_when_piped()  # a log file gets a bar's state every 30 s, not every redraw
     if argv[:1] == ["export"] and len(argv) > 1 and argv[1] not in {"model", "world", "-h", "--help"}:
         argv.insert(1, "model")  # `genie export CKPT --out DIR` is short for `genie export model ...`
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments

@@ -139,3 +139,21 @@ def test_piped_fit_prints_plain_progress_lines_and_no_third_party_noise(tmp_path
     assert "model: net (VideoTokenizer" in out.stderr
     for text in NOISE:
         assert text not in out.stdout + out.stderr, text
+
+
+def test_progress_bars_redraw_sparsely_when_piped():
+    """stderr piped: tqdm bars (ours and the libraries') redraw every 30 s, not on every update; a user's own
+    TQDM_MININTERVAL wins."""
+    code = (
+        "from genie.runtime import sparse_progress_bars_when_piped as sparse\n"
+        "print(sparse())\n"
+        "from tqdm.auto import tqdm\n"
+        "print(tqdm(total=1, disable=False).mininterval)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["True", "30.0"]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**env, "TQDM_MININTERVAL": "2"}
+    )
+    assert out.stdout.split() == ["False", "2.0"]

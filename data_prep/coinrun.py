@@ -30,9 +30,9 @@ settings, so a cached folder made with another policy is refused unless ``--over
   is what makes actions identifiable from frames (the LAM's job), and it explores further into a level.
   Measured earlier on 300 hard-mode episodes (capped at 1000 steps): sticky 0.0 completes 20% of levels
   with 5% of transitions static (frame unchanged); 0.5 completes 29% with 11% static; 0.75 completes 31%
-  but 21% static (held no-op actions: DOWN, NOOP and the 6 extra buttons do nothing in CoinRun). 0.5 is
-  the knee: most of the exploration gain, every action still used uniformly, and consecutive actions
-  only moderately correlated.
+  but 21% static (held no-op actions: NOOP and the 6 extra buttons do nothing in CoinRun, DOWN nearly
+  nothing; see :data:`EFFECTIVE_ACTIONS`). 0.5 is the knee: most of the exploration gain, every action still
+  used uniformly, and consecutive actions only moderately correlated.
 - ``explore``: sticky the same way, but each new action is drawn with weights :data:`EXPLORE_WEIGHTS`
   (RIGHT 6, RIGHT+UP 6, UP 3, each of the other 12 actions 1: 22/22/11 % and 3.7 % each), so the agent
   runs right and jumps through the level while the LAM still sees every action, LEFT ones included.
@@ -106,6 +106,7 @@ from data_prep.common import (
     write_episode_clips,
 )
 from genie.data.video import resize_center_crop
+from genie.eval.actions import COINRUN_EFFECTIVE, COINRUN_MOVEMENT, effective_actions
 
 NUM_ACTIONS = 15  # CoinRun's action space (procgen's shared 15 key combos)
 FPS = 15  # procgen's native frame rate
@@ -118,6 +119,12 @@ ACTION_NAMES = (
     "LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP",
     "D", "A", "W", "S", "Q", "E",
 )  # fmt: skip
+# Which of the 15 act differently in CoinRun: raw id -> effective class (9 classes: {4, 9..14} is NOOP, the rest
+# act alone) and a coarser movement class (left / none / right x jump or not). The tables live in genie.eval.actions
+# (where `genie eval lam` reads them without procgen); their derivation from procgen's source is documented there,
+# and measure_action_classes() below checks them on the installed procgen.
+EFFECTIVE_ACTIONS = COINRUN_EFFECTIVE
+MOVEMENT_ACTIONS = COINRUN_MOVEMENT
 RIGHT, RIGHT_UP, UP = 7, 8, 5
 # The explore policy's relative weights for each new action: RIGHT and RIGHT+UP 6 each, UP 3, every other action 1
 # (27 in all): 22 % RIGHT, 22 % RIGHT+UP, 11 % UP, 3.7 % each of the other 12 (chosen by measurement, see above)
@@ -337,6 +344,68 @@ def measure_policy(
         "completed_share": round(completed / episodes, 3),
         "mean_progress": round(float(np.mean(progress)), 2) if len(progress) == episodes else None,
     }
+
+
+def effective_action(actions: np.ndarray, grouping: str = "effective") -> np.ndarray:
+    """CoinRun's raw action ids (any shape) -> their effective classes (``"effective"``: :data:`EFFECTIVE_ACTIONS`,
+    9 classes) or movement classes (``"movement"``: :data:`MOVEMENT_ACTIONS`, 6 classes)."""
+    return effective_actions("coinrun", np.asarray(actions), grouping)
+
+
+def measure_action_classes(
+    *, levels: int = 12, states_per_level: int = 10, horizon: int = 4, seed: int = 0, distribution_mode: str = "hard"
+) -> np.ndarray:
+    """How often each pair of actions leads to different frames from the same state (the check behind the tables).
+
+    For each of ``levels`` levels, the agent plays a sticky-random prefix (seeded by ``seed``) and, at
+    ``states_per_level`` states along it, every one of the 15 actions is taken from the saved state (procgen's
+    ``get_state`` / ``set_state``) followed by ``horizon - 1`` NOOPs; two actions differ in that state when any of
+    the ``horizon`` frames differ. Procgen's saved state itself always differs (it records the action taken), so
+    frames are compared.
+
+    Returns:
+        ``(15, 15)`` int array: the number of states in which actions ``i`` and ``j`` gave different frames
+        (0 everywhere within an effective class).
+    """
+    env_cls = load_procgen()
+    rng = np.random.default_rng(seed)
+    differ = np.zeros((NUM_ACTIONS, NUM_ACTIONS), dtype=np.int64)
+    noop = np.array([4])
+    for level in range(levels):
+        env = env_cls(
+            num=1,
+            env_name="coinrun",
+            start_level=level,
+            num_levels=1,
+            distribution_mode=distribution_mode,
+            rand_seed=level,
+            num_threads=0,
+        )
+        try:
+            action = int(rng.integers(NUM_ACTIONS))
+            for _ in range(states_per_level):
+                for _ in range(int(rng.integers(2, 8))):  # walk on to the next state
+                    if rng.random() >= 0.5:
+                        action = int(rng.integers(NUM_ACTIONS))
+                    env.act(np.array([action]))
+                saved = env.callmethod("get_state")
+                seen = []
+                for a in range(NUM_ACTIONS):
+                    env.callmethod("set_state", saved)
+                    frames = []
+                    for t in range(horizon):
+                        env.act(np.array([a]) if t == 0 else noop)
+                        frames.append(np.array(env.observe()[1]["rgb"][0]))
+                    seen.append(np.stack(frames))
+                env.callmethod("set_state", saved)
+                for i in range(NUM_ACTIONS):
+                    for j in range(i + 1, NUM_ACTIONS):
+                        if not np.array_equal(seen[i], seen[j]):
+                            differ[i, j] += 1
+                            differ[j, i] += 1
+        finally:
+            env.close()
+    return differ
 
 
 def process_episodes(job: Job, writer: PartWriter) -> JobReport:

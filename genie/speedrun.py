@@ -156,6 +156,8 @@ def evaluate(args: argparse.Namespace, preset: dict[str, Any], device: Any) -> t
         "lam_codes_used": lam["codes_used"],
         "lam_code_usage_histogram": lam["usage_histogram"],
         "lam_nmi": lam.get("nmi"),
+        "lam_nmi_effective": lam.get("nmi_effective"),  # against CoinRun's 9 effective action classes
+        "lam_train_eval_agreement": lam["train_eval_agreement"],
         "rollout_psnr_per_step": wld["psnr_per_step"],
         "rollout_ssim_per_step": wld["ssim_per_step"],
         "rollout_psnr_10_from_1": float(np.mean(wld["psnr_per_step"][ten])),  # Genie-style: 10 frames from 1
@@ -276,8 +278,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for s, r in report["stages"].items()
         )
         + f"\n  tokenizer PSNR {metrics['tokenizer_psnr']:.2f} dB, SSIM {metrics['tokenizer_ssim']:.3f}"
-        + f"\n  LAM NMI with the true actions {'-' if nmi is None else f'{nmi:.3f}'}, "
-        f"codes used {metrics['lam_codes_used']}"
+        + f"\n  LAM NMI with the true actions {'-' if nmi is None else f'{nmi:.3f}'} (effective actions "
+        f"{'-' if metrics['lam_nmi_effective'] is None else format(metrics['lam_nmi_effective'], '.3f')}), "
+        f"codes used {metrics['lam_codes_used']}, eval/training codes agree {metrics['lam_train_eval_agreement']:.1%}"
         + f"\n  world, 10 frames from 1: PSNR {metrics['rollout_psnr_10_from_1']:.2f} dB, "
         f"SSIM {metrics['rollout_ssim_10_from_1']:.3f}; ΔtPSNR(t=4) {metrics['delta_psnr_t4']:+.2f} dB"
         + f"\n  report: {args.out / 'speedrun.json'}  summary: {png}"

@@ -58,18 +58,20 @@ against true actions where the data has them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import final
+from typing import Any, final
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
 from transformers import PreTrainedConfig
+from transformers import initialization as hf_init
 
 from genie.models.blocks import STTransformer, STTransformerConfig
 from genie.models.hub import GeniePreTrainedModel, register_auto
-from genie.models.quantizer import VectorQuantizer
+from genie.models.quantizer import VectorQuantizer, _distributed
 from genie.models.tokenizer import frames_to_unit
 
 ACTION_CONDITIONING = ("film", "add")
@@ -107,6 +109,10 @@ class LAMConfig(PreTrainedConfig):
     centre_frames: bool = True  # subtract each frame's mean colour from the model's inputs
     action_conditioning: str = "film"  # how the decoder takes the action: "film" (scale+shift) or "add"
     patch_padding: str = "zeros"  # beyond the frame's borders the patch context is "zeros" or "circular" (a torus)
+    # the last part of training normalises the action latents with fixed statistics, as inference does (see the
+    # module docstring): calibration starts at this fraction of training before its end (0: never) ...
+    norm_freeze_fraction: float = 0.15
+    norm_calibration_batches: int = 20  # ... and measures the statistics exactly over this many training batches
 
     def __post_init__(self, **kwargs):
         if self.image_size % self.patch_size:
@@ -117,6 +123,10 @@ class LAMConfig(PreTrainedConfig):
             raise ValueError(f"num_actions must be >= 2, got {self.num_actions}")
         if self.patch_context < 0:
             raise ValueError(f"patch_context must be >= 0, got {self.patch_context}")
+        if not 0 <= self.norm_freeze_fraction < 1:
+            raise ValueError(f"norm_freeze_fraction must be in [0, 1), got {self.norm_freeze_fraction}")
+        if self.norm_calibration_batches < 1:
+            raise ValueError(f"norm_calibration_batches must be >= 1, got {self.norm_calibration_batches}")
         if self.patch_padding not in PATCH_PADDING:
             raise ValueError(f"patch_padding must be one of {', '.join(PATCH_PADDING)}, not {self.patch_padding!r}")
         if self.action_conditioning not in ACTION_CONDITIONING:
@@ -185,6 +195,11 @@ class PatchEmbed(nn.Module):
         return rearrange(self.conv(grid), "(b t) d h w -> b t (h w) d", b=B, t=T)
 
 
+NORM_BATCH, NORM_CALIBRATING, NORM_FROZEN = 0, 1, 2  # the phases of :class:`LatentNorm` (its ``phase`` buffer)
+NORM_PHASES = ("batch", "calibrating", "frozen")
+_NORM_COUNTERS = ("phase", "calibration_batches", "calibration_latents")  # buffers that older checkpoints lack
+
+
 class LatentNorm(nn.BatchNorm1d):
     """Standardise the action latents per dimension (batch norm without affine): (..., Z) -> (..., Z).
 
@@ -196,21 +211,95 @@ class LatentNorm(nn.BatchNorm1d):
     instead (strictly per-sample) was measured to fail: Adam moves the raw latents by more per step than
     they spread, the running mean lags, and all latents share one direction again.
 
-    In training a transition's latent therefore depends (through the batch mean and variance of 100s of
-    transitions) on the other transitions of its batch; in eval mode the running statistics are used and
-    every clip is processed on its own. A single latent in training mode also uses the running statistics.
+    Three phases (the ``phase`` buffer; the training stage moves it on, see :mod:`genie.stages.lam`):
+
+    - ``batch`` (:data:`NORM_BATCH`): training normalises with the batch's statistics and keeps momentum-0.1
+      running statistics for eval mode (and for a single latent in training mode), as ``nn.BatchNorm1d``;
+    - ``calibrating``: training still normalises with batch statistics, while the running statistics become
+      the exact mean and (biased) variance of every latent seen since calibration began, on all ranks
+      (summed over the process group, so they are identical everywhere);
+    - ``frozen``: training normalises with those fixed statistics too, so a transition's latent, and its
+      code, are the same in both modes and no longer depend on the rest of its batch.
+
+    Eval mode always uses the running statistics, and every clip is processed on its own.
     """
+
+    phase: Tensor  # () long: NORM_BATCH, NORM_CALIBRATING or NORM_FROZEN
+    calibration_batches: Tensor  # () long: training batches measured since calibration began
+    calibration_latents: Tensor  # () long: latents (over all ranks) in the calibrated statistics
 
     def __init__(self, dim: int):
         super().__init__(dim, affine=False)
+        for name in _NORM_COUNTERS:
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+
+    @property
+    def phase_name(self) -> str:
+        return NORM_PHASES[int(self.phase)]
+
+    def start_calibration(self) -> None:
+        """Forget the running statistics; training batches from now on measure them exactly."""
+        self.phase.fill_(NORM_CALIBRATING)
+        self.calibration_batches.zero_()
+        self.calibration_latents.zero_()
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    def freeze(self) -> None:
+        """Normalise with the calibrated statistics from now on, in training as in eval mode."""
+        if int(self.phase) == NORM_CALIBRATING and int(self.calibration_latents) == 0:
+            raise RuntimeError("cannot freeze the latent normalisation before any batch was calibrated")
+        self.phase.fill_(NORM_FROZEN)
 
     def forward(self, z: Tensor) -> Tensor:
         flat_MZ = z.reshape(-1, z.shape[-1])
-        if self.training and flat_MZ.shape[0] > 1:
-            out = super().forward(flat_MZ)
+        phase = int(self.phase)
+        if not self.training or phase == NORM_FROZEN or flat_MZ.shape[0] < 2:
+            out = self._fixed(flat_MZ)
+        elif phase == NORM_CALIBRATING:
+            self._calibrate(flat_MZ.detach())
+            out = F.batch_norm(flat_MZ, None, None, training=True, eps=self.eps)  # batch statistics, as before
         else:
-            out = F.batch_norm(flat_MZ, self.running_mean, self.running_var, training=False, eps=self.eps)
+            out = super().forward(flat_MZ)
         return out.reshape(z.shape)
+
+    def as_in_training(self, z: Tensor) -> Tensor:
+        """What training mode gives for this batch of latents, without changing any statistics: (..., Z) -> (..., Z)."""
+        flat_MZ = z.reshape(-1, z.shape[-1])
+        if int(self.phase) == NORM_FROZEN or flat_MZ.shape[0] < 2:
+            out = self._fixed(flat_MZ)
+        else:
+            out = F.batch_norm(flat_MZ, None, None, training=True, eps=self.eps)
+        return out.reshape(z.shape)
+
+    def _fixed(self, flat_MZ: Tensor) -> Tensor:
+        return F.batch_norm(flat_MZ, self.running_mean, self.running_var, training=False, eps=self.eps)
+
+    @torch.no_grad()
+    def _calibrate(self, flat_MZ: Tensor) -> None:
+        """Merge one batch (all ranks) into the exact running mean and variance (Chan et al.'s pairwise update)."""
+        x_MZ = flat_MZ.float()
+        head = torch.cat([x_MZ.new_tensor([x_MZ.shape[0]]), x_MZ.sum(0)])  # count, sum
+        if _distributed():
+            dist.all_reduce(head)
+        n_b, mean_b = head[0], head[1:] / head[0]
+        m2_b = ((x_MZ - mean_b) ** 2).sum(0)  # sum of squares about the batch mean (all ranks)
+        if _distributed():
+            dist.all_reduce(m2_b)
+        n_a = self.calibration_latents.to(x_MZ.dtype)
+        n = n_a + n_b
+        delta = mean_b - self.running_mean
+        m2 = self.running_var * n_a + m2_b + delta**2 * (n_a * n_b / n)
+        self.running_mean += delta * (n_b / n)
+        self.running_var.copy_(m2 / n)
+        self.calibration_latents += n_b.round().long()
+        self.calibration_batches += 1
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written before the phases existed lack their buffers: they were in the "batch" phase
+        for name in _NORM_COUNTERS:
+            state_dict.setdefault(prefix + name, torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LatentActionModel(GeniePreTrainedModel):
@@ -218,6 +307,8 @@ class LatentActionModel(GeniePreTrainedModel):
 
     config_class = LAMConfig
     main_input_name = "frames"
+    # exports written before the latent normalisation had phases lack these buffers: they load in the "batch" phase
+    _keys_to_ignore_on_load_missing = [rf"latent_norm\.{name}$" for name in _NORM_COUNTERS]
 
     def __init__(self, config: LAMConfig):
         super().__init__(config)
@@ -256,6 +347,13 @@ class LatentActionModel(GeniePreTrainedModel):
             self.decoder.pos_spatial_ND.zero_()
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers leaves the buffers an older export lacks uninitialised: those of the latent normalisation's
+        # phases start at "batch" (hf_init skips every tensor that was loaded)
+        if isinstance(module, LatentNorm):
+            for name in _NORM_COUNTERS:
+                hf_init.zeros_(getattr(module, name))
+
     @property
     def num_actions(self) -> int:
         return self.config.num_actions
@@ -280,10 +378,11 @@ class LatentActionModel(GeniePreTrainedModel):
 
     # ---- halves -------------------------------------------------------------------------------------------
 
-    def encode_latents(self, patches_BTNX: Tensor) -> Tensor:
+    def encode_latents(self, patches_BTNX: Tensor, as_in_training: bool = False) -> Tensor:
         """Continuous action latents of transitions 1..T-1: (B, T, N, X) in [-1, 1] -> (B, T-1, Z).
 
-        Normalised (:class:`LatentNorm`) and ready for the quantizer.
+        Normalised (:class:`LatentNorm`) and ready for the quantizer. ``as_in_training``: normalise as training
+        mode does (:meth:`LatentNorm.as_in_training`, no statistics change) whatever the module's mode.
         """
         B, T = patches_BTNX.shape[:2]
         x_BTNX = self.centre(patches_BTNX)
@@ -295,7 +394,8 @@ class LatentActionModel(GeniePreTrainedModel):
         act_BT1D = repeat(self.action_token_D, "d -> b t 1 d", b=B, t=T).to(x_BTND.dtype)
         h_BTND = self.encoder(torch.cat([act_BT1D, x_BTND], dim=2))  # (B, T, 1+N, D)
         # frame t+1's action token has seen frames 1..t+1: it describes transition t -> t+1
-        return self.latent_norm(self.to_code(h_BTND[:, 1:, 0]))  # (B, T-1, Z)
+        z_BTZ = self.to_code(h_BTND[:, 1:, 0])  # (B, T-1, Z)
+        return self.latent_norm.as_in_training(z_BTZ) if as_in_training else self.latent_norm(z_BTZ)
 
     def decode_next(self, patches_BTNX: Tensor, actions_BTZ: Tensor) -> Tensor:
         """Predict frames 2..T' from frames 1..T' and actions: (B, T', N, X), (B, T', Z) -> (B, T', N, X).
@@ -315,11 +415,19 @@ class LatentActionModel(GeniePreTrainedModel):
     # ---- API ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def infer_actions(self, frames: Tensor) -> Tensor:
-        """Latent action of every transition: frames (B, T, H, W, C) uint8 or float [0, 1] -> ids (B, T-1)."""
+    def infer_actions(self, frames: Tensor, as_in_training: bool = False) -> Tensor:
+        """Latent action of every transition: frames (B, T, H, W, C) uint8 or float [0, 1] -> ids (B, T-1).
+
+        Args:
+            frames: the clips.
+            as_in_training: the codes training mode would give this batch (before the latent normalisation is
+                frozen they depend on the whole batch, see :class:`LatentNorm`), changing no statistics; the
+                default is the module's own mode (eval mode: each clip on its own, as at inference).
+        """
         if frames.shape[1] < 2:
             raise ValueError(f"need at least 2 frames to infer an action, got {frames.shape[1]}")
-        return self.quantizer.nearest(self.encode_latents(self.patchify(frames_to_unit(frames))))
+        latents = self.encode_latents(self.patchify(frames_to_unit(frames)), as_in_training=as_in_training)
+        return self.quantizer.nearest(latents)
 
     @torch.no_grad()
     def predict_next(self, frames: Tensor, action_ids: Tensor) -> Tensor:

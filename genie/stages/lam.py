@@ -1,10 +1,18 @@
 """LAM stage: learn latent actions that explain each frame transition.
 
+The stage also moves the LAM's latent normalisation through its phases (:class:`~genie.models.lam.LatentNorm`):
+batch statistics until ``1 - norm_freeze_fraction`` of training, then ``norm_calibration_batches`` training batches
+that measure the statistics exactly, then fixed statistics to the end, so that the decoder's last steps learn the
+very codes that eval mode (``infer_actions``: ``prep tokenize``, the dynamics stage, ``World``) gives. Training's
+progress is its step over ``trainer.max_steps``, or, with a time budget (``optim.budget_seconds``), the seconds spent
+over the budget, whichever is further; under a time budget rank 0 decides, so all ranks switch at the same step.
+
 Dimension keys: B batch, T frames, A latent actions, K true actions.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -12,9 +20,11 @@ from torch import Tensor
 
 from genie.eval.metrics import contingency, nmi_from_contingency
 from genie.models.hub import model_fields
-from genie.models.lam import LAMConfig, LatentActionModel
-from genie.stages.base import OptimConfig
+from genie.models.lam import NORM_BATCH, NORM_CALIBRATING, NORM_FROZEN, LAMConfig, LatentActionModel
+from genie.stages.base import OptimConfig, TimeSchedule
 from genie.stages.vq import VQStage, all_reduce_
+
+log = logging.getLogger(__name__)
 
 # true discrete actions are tallied against latent ones up to this many distinct values
 MAX_TRUE_ACTIONS = 64
@@ -75,3 +85,56 @@ class LAMStage(VQStage):
         table = all_reduce_(self._table_AK)
         if table.sum() > 0:
             self.log("val/nmi", nmi_from_contingency(table), prog_bar=True)
+
+    # -- the latent normalisation's phases ------------------------------------------------------
+
+    def training_progress(self) -> float:
+        """How far training is, in [0, 1]: step / ``max_steps``, or time spent / time budget if further."""
+        trainer = self.trainer
+        progress = trainer.global_step / trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0.0
+        if self.optim.budget_seconds:
+            schedulers = self.lr_schedulers()
+            schedule = getattr(schedulers, "lr_lambdas", [None])[0]
+            if isinstance(schedule, TimeSchedule):
+                progress = max(progress, schedule.elapsed / schedule.budget_seconds)
+        return progress
+
+    def update_latent_norm(self) -> None:
+        """Start calibrating the latent statistics when training reaches its final part; freeze them once measured."""
+        cfg, norm = self.net.config, self.net.latent_norm
+        if cfg.norm_freeze_fraction <= 0:
+            return
+        phase = int(norm.phase)
+        if phase == NORM_BATCH:
+            start = self.training_progress() >= 1 - cfg.norm_freeze_fraction
+            if self.optim.budget_seconds and self.trainer.world_size > 1:
+                start = self.trainer.strategy.broadcast(start, src=0)  # wall clocks differ between ranks
+            if start:
+                norm.start_calibration()
+        elif phase == NORM_CALIBRATING and int(norm.calibration_batches) >= cfg.norm_calibration_batches:
+            norm.freeze()
+            if self.trainer.is_global_zero:
+                log.info(
+                    "LAM latent statistics fixed at step %d (from %d latents of %d batches)",
+                    self.trainer.global_step,
+                    int(norm.calibration_latents),
+                    int(norm.calibration_batches),
+                )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.update_latent_norm()
+
+    def on_train_end(self) -> None:
+        # stopped while calibrating (a time budget can end sooner than planned): keep what was measured, so that the
+        # exported model's training and eval modes agree; the decoder then had no steps on exactly these codes
+        norm, fraction = self.net.latent_norm, self.net.config.norm_freeze_fraction
+        if int(norm.phase) == NORM_CALIBRATING and int(norm.calibration_latents) > 0:
+            norm.freeze()
+        elif fraction > 0 and int(norm.phase) != NORM_FROZEN and self.trainer.is_global_zero:
+            log.info(
+                "LAM training ended before its final %.0f%%: its latent statistics are still momentum averages, so "
+                "eval-mode codes may differ from training's (genie eval lam reports train_eval_agreement)",
+                100 * fraction,
+            )
+        super().on_train_end()

@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.coinrun import EXPLORE_WEIGHTS, NUM_ACTIONS, RIGHT, RIGHT_UP, UP, Policy, load_procgen
+from data_prep.coinrun import (
+    EXPLORE_WEIGHTS,
+    NUM_ACTIONS,
+    RIGHT,
+    RIGHT_UP,
+    UP,
+    Policy,
+    load_procgen,
+    measure_action_classes,
+)
 from data_prep.common import PrepError
 from genie.cli import main
 from genie.data.contract import ClipMeta, npy_load, read_samples
@@ -233,6 +242,27 @@ def test_missing_procgen_is_one_clear_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "procgen-mirror" in err and "genie[coinrun]" in err
+
+
+def test_effective_action_classes_hold_on_the_installed_procgen(procgen_env):
+    """Actions of one class give the same frames from the same state; different movement classes do not.
+
+    (DOWN rarely acts, only on a crate, so it is not expected to differ within a few states; see genie.eval.actions.)
+    """
+    from data_prep.coinrun import ACTION_NAMES, EFFECTIVE_ACTIONS, MOVEMENT_ACTIONS, effective_action
+    from genie.eval.actions import COINRUN_ACTION_NAMES
+
+    assert ACTION_NAMES == COINRUN_ACTION_NAMES
+    differ = measure_action_classes(levels=3, states_per_level=5, horizon=4)
+    same = np.equal.outer(np.array(EFFECTIVE_ACTIONS), np.array(EFFECTIVE_ACTIONS))
+    assert differ[same].sum() == 0  # e.g. the 6 extra buttons act exactly as NOOP
+    direction = np.array(MOVEMENT_ACTIONS) // 2  # left, none, right (the movement classes pair them with jumps)
+    for a in range(NUM_ACTIONS):
+        for b in range(NUM_ACTIONS):
+            if direction[a] != direction[b]:  # walking left / standing / walking right show in (nearly) every state
+                assert differ[a, b] > 0, (ACTION_NAMES[a], ACTION_NAMES[b])
+    assert differ[UP, 4] > 0  # jumps need the ground: they show in some states
+    np.testing.assert_array_equal(effective_action(np.arange(15)), EFFECTIVE_ACTIONS)
 
 
 def test_shared_fixture(coinrun_shards):

@@ -67,7 +67,37 @@ def test_eval_lam_reports_usage_nmi_and_confusion(tmp_path):
     assert report["clips"] == 4 and report["num_actions"] == 4
     assert abs(sum(report["usage_histogram"]) - 1) < 1e-6 and 1 <= report["codes_used"] <= 4
     assert 0 <= report["nmi"] <= 1 and len(report["confusion"]) >= 2  # true actions were found
+    assert report["data_source"] == "sprites" and "nmi_effective" not in report  # no table: raw actions only
+    assert 0 <= report["train_eval_agreement"] <= 1 and report["latent_norm"] == "batch"
     assert (out / "lam_eval.png").stat().st_size > 0
+
+
+def test_eval_lam_on_coinrun_reports_raw_and_effective_nmi(coinrun_shards, tmp_path, capsys):
+    """CoinRun clips name their source, so NMI is also scored against the 9 effective actions and the movements."""
+    model_dir = tmp_path / "lam"
+    config = LAMConfig(
+        image_size=64, patch_size=16, num_frames=4, width=32, encoder_depth=1, decoder_depth=1, num_heads=2,
+        code_dim=8, num_actions=6,
+    )  # fmt: skip
+    LatentActionModel(config).save_pretrained(model_dir)
+    out = tmp_path / "eval"
+    args = ["eval", "lam", "--model", str(model_dir), "--data", str(coinrun_shards / "val"), "--num-frames", "4"]
+    assert main([*args, "--clips", "8", "--batch-size", "4", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "lam_eval.json").read_text())
+    assert report["data_source"] == "coinrun" and report["clips"] == 8
+    for key in ("nmi", "nmi_effective", "nmi_movement"):
+        assert 0 <= report[key] <= 1, key
+    assert len(report["effective_action_classes"]) == 9 and len(report["movement_action_classes"]) == 6
+    assert report["effective_action_classes"][4] == [4, 9, 10, 11, 12, 13, 14]
+    assert 0 <= report["train_eval_agreement"] <= 1
+    printed = capsys.readouterr().out
+    assert "effective actions" in printed and "agree with training mode" in printed
+
+
+def test_data_source_of_unreadable_shards_is_unknown(tmp_path):
+    from genie.eval.lam import data_source
+
+    assert data_source(str(tmp_path / "missing")) is None  # then only the raw-action NMI is reported
 
 
 def test_eval_lam_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):

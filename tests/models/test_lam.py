@@ -155,6 +155,114 @@ def test_latent_norm_removes_the_common_direction():
     assert torch.equal(norm(z[:1]), norm.eval()(z[:1]))  # a single latent uses the running statistics
 
 
+def test_latent_norm_calibrates_exact_statistics_then_freezes():
+    """Calibration measures the exact mean and (biased) variance of every latent it saw while training still uses
+    batch statistics; frozen, training normalises as eval mode does, each latent on its own."""
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 5, 8) * 3 + i for i in range(3)]  # (B, T-1, Z), each batch with its own mean
+    norm = LatentNorm(8).train()
+    norm(torch.randn(16, 8))  # batch phase: momentum running statistics
+    assert norm.phase_name == "batch"
+    norm.start_calibration()
+    for z in batches:
+        by_batch = torch.nn.functional.batch_norm(z.reshape(-1, 8), None, None, training=True).reshape(z.shape)
+        torch.testing.assert_close(norm(z), by_batch)
+    every = torch.cat([z.reshape(-1, 8) for z in batches])
+    torch.testing.assert_close(norm.running_mean, every.mean(0))
+    torch.testing.assert_close(norm.running_var, every.var(0, unbiased=False))
+    assert int(norm.calibration_batches) == 3 and int(norm.calibration_latents) == 30
+    norm.freeze()
+    assert norm.phase_name == "frozen"
+    frozen_mean = norm.running_mean.clone()
+    z = torch.randn(4, 3, 8) + 5
+    trained = norm(z)  # training mode, frozen: the fixed statistics, not this batch's
+    assert torch.equal(norm.running_mean, frozen_mean)  # and nothing is updated
+    torch.testing.assert_close(trained, norm.eval()(z), atol=0, rtol=0)
+    torch.testing.assert_close(norm.as_in_training(z[:1]), norm(z[:1]), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="before any batch"):
+        fresh = LatentNorm(8)
+        fresh.start_calibration()
+        fresh.freeze()
+
+
+def test_frozen_statistics_make_training_and_eval_codes_equal(model):
+    """``infer_actions(..., as_in_training=True)`` shows what training mode picks: before the freeze a clip's codes
+    depend on its batch (here a lone clip: its own statistics), afterwards they are eval mode's."""
+    frames = random_frames(B=1, seed=4)
+    model.latent_norm.start_calibration()
+    model.train()
+    model(random_frames(B=4, seed=5))
+    model.eval()
+    eval_ids = model.infer_actions(frames)
+    assert not torch.equal(model.infer_actions(frames, as_in_training=True), eval_ids)
+    assert model.latent_norm.phase_name == "calibrating" and int(model.latent_norm.calibration_batches) == 1
+    model.latent_norm.freeze()
+    assert torch.equal(model.infer_actions(frames, as_in_training=True), eval_ids)
+    assert int(model.latent_norm.calibration_batches) == 1  # inferring changed no statistics
+
+
+def test_exports_without_the_phase_buffers_load_in_the_batch_phase(model, tmp_path):
+    """Models exported (or checkpointed) before the latent normalisation had phases still load, strictly."""
+    from safetensors.torch import load_file, save_file
+
+    model.latent_norm.start_calibration()
+    model.train()
+    model(random_frames(B=4, seed=5))
+    model.latent_norm.freeze()
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert LatentActionModel.from_pretrained(tmp_path).latent_norm.phase_name == "frozen"
+    old = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if "calibration" not in k}
+    del old["latent_norm.phase"]
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = LatentActionModel.from_pretrained(tmp_path)
+    norm = loaded.latent_norm
+    assert norm.phase_name == "batch" and int(norm.calibration_batches) == int(norm.calibration_latents) == 0
+    torch.testing.assert_close(norm.running_mean, model.latent_norm.running_mean, atol=0, rtol=0)
+    fresh = LatentActionModel(model.config)
+    fresh.load_state_dict(old)  # a Lightning checkpoint's way in (strict)
+    assert fresh.latent_norm.phase_name == "batch"
+
+
+def _rank_batches(rank: int) -> list[torch.Tensor]:
+    """The latents rank ``rank`` calibrates on: unequal sizes and distributions on the two ranks."""
+    g = torch.Generator().manual_seed(rank)
+    return [torch.randn(3 + rank, 4, generator=g) * (1 + rank) + step for step in range(2)]
+
+
+def _calibrate_on_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        norm = LatentNorm(4).train()
+        norm.start_calibration()
+        for z in _rank_batches(rank):
+            norm(z)
+        torch.save(dict(norm.state_dict()), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_calibration_sums_over_ranks(tmp_path):
+    """Under DDP every rank ends with the same statistics: the exact ones of all ranks' latents together."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_calibrate_on_rank, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    every = torch.cat([*_rank_batches(0), *_rank_batches(1)])
+    for state in states:
+        torch.testing.assert_close(state["running_mean"], every.mean(0))
+        torch.testing.assert_close(state["running_var"], every.var(0, unbiased=False))
+        assert int(state["calibration_latents"]) == every.shape[0] and int(state["calibration_batches"]) == 2
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_predict_next_rejects_out_of_range_actions(model):
     frames = random_frames(T=3)
     for bad in (-1, 6):

@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 
 from genie.cli import main
+from genie.data.loader import ClipStream
 from genie.models.lam import LatentActionModel
 from genie.stages.base import load_stage_checkpoint
 
 from .conftest import cli_fit_args
+from .test_distributed import VQ_SMALL
+from .test_resume_exact import StopAt
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny" / "lam.yaml")
@@ -78,3 +82,73 @@ def test_gpu_configs_scaled_down_run_a_step(setup: str, sprites_shards: Path, tm
     cfg = json.loads((tmp_path / setup / "export" / "config.json").read_text())
     want = model["init_args"]["model"]
     assert cfg["width"] == 32 and cfg["num_actions"] == want["num_actions"] and cfg["code_dim"] == want["code_dim"]
+
+
+class NormLog(Callback):
+    """Test instrument: the latent normalisation's phase in each training step, and every latent it calibrated on."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.phases: list[str] = []
+        self.calibrated: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        norm = pl_module.net.latent_norm
+
+        def keep(module, args) -> None:
+            if module.training and module.phase_name == "calibrating":
+                self.calibrated.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+
+        norm.register_forward_pre_hook(keep)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.phases.append(pl_module.net.latent_norm.phase_name)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "phases.json").write_text(json.dumps(self.phases))
+        torch.save(torch.cat(self.calibrated) if self.calibrated else torch.zeros(0), self.out / "calibrated.pt")
+
+
+STEPS = 12
+FREEZE = ["--model.init_args.model.norm_freeze_fraction=0.5", "--model.init_args.model.norm_calibration_batches=3"]
+
+
+def fit_with_freeze(shards: Path, root: Path, *extra: str) -> dict[str, torch.Tensor]:
+    args = fit_args(TINY, shards, root, *VQ_SMALL, *FREEZE, f"--trainer.max_steps={STEPS}", "--checkpoint_every=4")
+    args += ["--data.val_shards=null", "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false"]
+    assert main([*args, *extra]) == 0
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == STEPS
+    return ckpt["state_dict"]
+
+
+def test_latent_statistics_are_measured_then_fixed_and_resume_exactly(sprites_shards: Path, tmp_path: Path):
+    """Half-way through training the LAM measures its latent statistics over 3 batches (exactly: the mean and
+    variance of every latent it saw), then normalises with them in training as in eval mode, so the exported
+    model's eval-mode codes are the codes training gives. A run stopped while calibrating and resumed ends
+    bitwise equal to the uninterrupted one (the phase and the partial statistics travel in the checkpoint)."""
+    log = [f"--trainer.callbacks+={__name__}.NormLog", f"--trainer.callbacks.out={tmp_path / 'log'}"]
+    whole = fit_with_freeze(sprites_shards, tmp_path / "whole", *log)
+    phases = json.loads((tmp_path / "log" / "phases.json").read_text())
+    assert phases == ["batch"] * 6 + ["calibrating"] * 3 + ["frozen"] * 3
+    latents = torch.load(tmp_path / "log" / "calibrated.pt", weights_only=True)
+    assert latents.shape == (3 * 4 * 3, 8)  # 3 batches of 4 clips x 3 transitions
+    torch.testing.assert_close(whole["net.latent_norm.running_mean"], latents.mean(0))
+    torch.testing.assert_close(whole["net.latent_norm.running_var"], latents.var(0, unbiased=False))
+
+    exported = LatentActionModel.from_pretrained(tmp_path / "whole" / "export")
+    assert exported.latent_norm.phase_name == "frozen"
+    for batch in ClipStream(str(sprites_shards / "val"), num_frames=4, batch_size=4, train=False, max_clips=16):
+        frames = batch["frames"]
+        assert torch.equal(exported.infer_actions(frames, as_in_training=True), exported.infer_actions(frames))
+
+    stop = [f"--trainer.callbacks+={StopAt.__module__}.StopAt", "--trainer.callbacks.step=8"]  # while calibrating
+    with pytest.raises(AssertionError):  # the stopped run ends at step 8
+        fit_with_freeze(sprites_shards, tmp_path / "cut", *stop)
+    cut = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    norm = {k.rsplit(".", 1)[1]: v for k, v in cut["state_dict"].items() if k.startswith("net.latent_norm.")}
+    assert int(norm["phase"]) == 1 and int(norm["calibration_batches"]) == 2  # 2 of the 3 batches measured
+    resumed = fit_with_freeze(sprites_shards, tmp_path / "cut", "--ckpt_path=last")
+    differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
+    assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"

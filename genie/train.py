@@ -23,6 +23,7 @@ trainer. Defaults every stage gets:
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ from lightning.pytorch.callbacks import (
     ModelSummary,
     RichModelSummary,
     RichProgressBar,
+    Timer,
 )
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
@@ -105,10 +107,12 @@ class PlainProgress(Callback):
     nothing until the run ends (and tqdm's floods carriage returns). This prints, on rank zero, a line whenever
     training passes another ``every_fraction`` of ``max_steps`` or ``every_seconds`` have gone by since the last
     one (a run stopped by ``max_time`` is not a fraction of its steps), one after each validation, and one at
-    the end::
+    the end. The percentage is of ``max_steps`` or, when ``trainer.max_time`` will stop the run first, of that
+    time::
 
         [tokenizer] step 120/400 (30%) · loss 0.0213 · train/psnr 24.1 · 41 s, 2.9 steps/s
-        [tokenizer] validation at step 200: val/psnr 25.3
+        [tokenizer] validation at step 200: val/loss 0.0198 · val/psnr 25.3
+        [dynamics] step 300 (45% of max_time 0:03:36) · loss 4.12 · 97 s, 3.1 steps/s
 
     Args:
         every_seconds: longest gap between two lines during training.
@@ -143,13 +147,34 @@ class PlainProgress(Callback):
         self.started = self.last_line = time.monotonic()
         self.first_step = trainer.global_step
         self.next_mark = self._mark_after(trainer, trainer.global_step)
-        limit = f"of {trainer.max_steps}" if trainer.max_steps > 0 else "(no max_steps)"
-        self._print(trainer, pl_module, f"training from step {trainer.global_step} {limit}")
+        limits = [f"max_steps {trainer.max_steps}"] if trainer.max_steps > 0 else []
+        seconds = self._max_time(trainer)
+        if seconds is not None:
+            limits.append(f"max_time {datetime.timedelta(seconds=round(seconds))}")
+        self._print(trainer, pl_module, f"training from step {trainer.global_step} ({', '.join(limits) or 'no limit'})")
+
+    @staticmethod
+    def _timer(trainer: Trainer) -> Timer | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)  # max_time's callback
+
+    def _max_time(self, trainer: Trainer) -> float | None:
+        timer = self._timer(trainer)
+        remaining = None if timer is None else timer.time_remaining()
+        return None if remaining is None or timer is None else remaining + timer.time_elapsed()
+
+    def _total(self, trainer: Trainer) -> str:
+        """``/400 (30%)``, or `` (45% of max_time 0:03:36)`` when the clock is further along than the steps."""
+        step = trainer.global_step
+        by_steps = step / trainer.max_steps if trainer.max_steps > 0 else 0.0
+        seconds, timer = self._max_time(trainer), self._timer(trainer)
+        if seconds and timer is not None and timer.time_elapsed() / seconds > by_steps:
+            return f" ({timer.time_elapsed() / seconds:.0%} of max_time {datetime.timedelta(seconds=round(seconds))})"
+        return f"/{trainer.max_steps} ({by_steps:.0%})" if trainer.max_steps > 0 else ""
 
     def _line(self, trainer: Trainer, pl_module: LightningModule, head: str) -> None:
         now = time.monotonic()
         step, elapsed = trainer.global_step, now - self.started
-        total = f"/{trainer.max_steps} ({step / trainer.max_steps:.0%})" if trainer.max_steps > 0 else ""
+        total = self._total(trainer)
         rate = (step - self.first_step) / max(elapsed, 1e-9)
         metrics = self._metrics(trainer, "train/")
         self._print(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,39 @@ def test_bad_arguments_are_one_line(tmp_path: Path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and text in err[0], err
     assert not (tmp_path / "data").exists()  # nothing was made before the arguments were checked
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_speedrun.sh"
+
+
+def test_gpu_speedrun_script_parses_and_tabulates_every_number(tmp_path: Path):
+    """scripts/gpu_speedrun.sh: valid bash (shellcheck-clean where shellcheck is installed), and its report step
+    copies speedrun.json/png to $OUT with a markdown table holding every number (REPORT_ONLY=1: no run)."""
+    import shutil
+    import subprocess
+
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(SCRIPT)], check=True)
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    report = {
+        "budget_minutes": 8, "preset": "gpu", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3",
+        "data": {"seconds": 61.2, "reused": False},
+        "stages": {"tokenizer": {"global_step": 4321, "train_seconds": 167.9}},
+        "metrics": {"tokenizer_psnr": 36.123456, "delta_psnr_t4": 0.7321, "lam_nmi": None,
+                    "rollout_psnr_per_step": [25.5, 24.25], "copy_psnr_per_step": [22.0, 21.0]},
+    }  # fmt: skip
+    (run / "speedrun.json").write_text(json.dumps(report))
+    (run / "speedrun.png").write_bytes(b"\x89PNG fake")
+    env = {**os.environ, "REPORT_ONLY": "1", "RUN_DIR": str(run), "OUT": str(out), "PYTHON": sys.executable}
+    subprocess.run(["bash", str(SCRIPT)], check=True, env=env, capture_output=True, timeout=60)
+    assert (out / "speedrun.json").read_text() == (run / "speedrun.json").read_text()
+    assert (out / "speedrun.png").read_bytes() == b"\x89PNG fake"
+    table = (out / "speedrun.md").read_text()
+    assert "gpu preset, 8 min of training on NVIDIA H100 80GB HBM3" in table
+    assert "| tokenizer PSNR (dB) | 36.12 |" in table and "| ΔtPSNR(4) (dB) | 0.7321 |" in table
+    assert "| copying the prompt frame, same 10 steps: PSNR (dB) | 21.5 |" in table
+    for row in ("| data.seconds | 61.2 |", "| stages.tokenizer.global_step | 4321 |", "| metrics.lam_nmi | - |",
+                "| metrics.rollout_psnr_per_step | 25.5, 24.25 |", "| gpu | NVIDIA H100 80GB HBM3 |"):  # fmt: skip
+        assert row in table, row

@@ -46,6 +46,23 @@ below shortens that escape (ablation numbers in ``tests/stages/test_lam_learning
   :class:`LatentNorm`). Without it, all the encoder's early outputs point the same way (cosine ~0.98 at
   initialisation), so one code wins every transition.
 
+**Train = inference** (``norm_freeze_fraction``, ``norm_calibration_batches``). Batch statistics make a
+transition's latent, and so its code, depend on the other transitions of its training batch, while eval mode
+(``infer_actions``, which ``prep tokenize``, the dynamics stage and ``World`` use) normalises each clip on its own
+with running statistics. So the codes the world is trained and played with can differ from the codes the decoder
+learned: with batch statistics to the end, eval-mode codes agreed with training's on 94.4 % of the sprites'
+transitions (tiny config, 400 steps, batches of 16 clips; 95.1 % held out) and on 75 % of a CoinRun LAM's. Training
+therefore ends in fixed statistics (:class:`LatentNorm`'s phases, moved on by :mod:`genie.stages.lam`): when
+``1 - norm_freeze_fraction`` of training is done, the statistics are measured exactly (mean and variance of every
+latent, all ranks) over the next ``norm_calibration_batches`` batches, then fixed, and the rest of training
+normalises with them in both modes, so the decoder's last steps adapt to exactly the codes inference gives.
+Measured on the same run with the default 0.15 / 20: agreement 1.0 (by construction), held-out NMI 0.888 and
+next-frame PSNR 20.81 dB against 0.887 and 20.83 dB with batch statistics to the end. Batch statistics are what
+the early escape needs (above); late, with the learning rate decayed, the latents no longer drift as a block, so
+the last 15 % can do without. Recalibrating exact statistics only after training (no frozen phase) was the
+alternative: it leaves the training codes of transitions near a code boundary different from eval mode's and
+gives the decoder no steps on the new ones.
+
 Collapse guards (the most reported LAM failure): the quantizer matches l2-normalised codes by cosine
 similarity (no code can drift out of reach) and restarts codes unused for ``dead_code_threshold`` steps
 from the worst-quantized encoder outputs; the latent normalisation above keeps the encoder's outputs spread

@@ -37,8 +37,12 @@ CLIP_FRAMES = 20  # held-out clips need 1 prompt frame + 16 to predict
 HORIZON = 16
 PRESETS: dict[str, dict[str, Any]] = {
     # episodes: training episodes of CoinRun (val: a tenth, at least 16); eval_clips: held-out clips scored
-    "cpu": dict(episodes=96, max_episode_frames=100, precision="32-true", sampler_steps=8, eval_clips=32),
-    "gpu": dict(episodes=2000, max_episode_frames=200, precision="bf16-mixed", sampler_steps=25, eval_clips=256),
+    "cpu": dict(
+        episodes=96, max_episode_frames=100, policy="sticky", precision="32-true", sampler_steps=8, eval_clips=32
+    ),
+    "gpu": dict(
+        episodes=2000, max_episode_frames=200, policy="sticky", precision="bf16-mixed", sampler_steps=25, eval_clips=256
+    ),
 }
 
 
@@ -80,10 +84,19 @@ def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, 
     argv = ["prep", "coinrun", "--out", str(args.data), "--episodes", str(episodes), "--val-episodes", str(val)]
     argv += ["--clip-frames", str(CLIP_FRAMES), "--max-episode-frames", str(preset["max_episode_frames"])]
     argv += ["--seed", str(args.seed), "--workers", str(workers if workers > 1 else 0)]
+    argv += ["--policy", args.policy or preset["policy"]]
+    if args.overwrite_data:
+        argv.append("--overwrite")
     stamps = [args.data / split / "summary.json" for split in ("train", "val")]
     before = [p.stat().st_mtime_ns if p.is_file() else None for p in stamps]
     t0 = time.monotonic()
-    run_genie(argv, "data")
+    try:
+        run_genie(argv, "data")
+    except SpeedrunError as e:
+        raise SpeedrunError(
+            f"{e}; if {args.data} holds shards made with other settings (an older genie or another --policy / "
+            "--episodes), pass --overwrite-data or choose another --data"
+        ) from None
     seconds = time.monotonic() - t0
     reused = before == [p.stat().st_mtime_ns for p in stamps]  # nothing rewritten: the cache was complete
     summary = json.loads(stamps[0].read_text())
@@ -91,6 +104,7 @@ def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, 
         "seconds": round(seconds, 1),
         "reused": reused,
         "episodes": episodes,
+        "policy": args.policy or preset["policy"],
         "val_episodes": val,
         "clips": summary.get("clips"),
     }
@@ -225,6 +239,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/coinrun_speedrun"), help="CoinRun shards (cached)")
     parser.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto", help="auto: gpu when CUDA is there")
     parser.add_argument("--episodes", type=int, default=None, help="training episodes (default: the preset's)")
+    parser.add_argument(
+        "--policy", choices=("sticky", "explore"), default=None, help="training data's policy (default: the preset's)"
+    )
+    parser.add_argument("--overwrite-data", action="store_true", help="remake --data if made with other settings")
     parser.add_argument("--shares", default=",".join(map(str, DEFAULT_SHARES)), help="tokenizer,lam,dynamics time")
     parser.add_argument("--seed", type=int, default=0)
 

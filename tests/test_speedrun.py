@@ -61,7 +61,7 @@ def test_the_report_has_every_metric_and_a_summary_picture(speedrun):
     assert not report["data"]["reused"]
     from genie.speedrun import PRESETS, prepare_data
 
-    args = argparse.Namespace(data=out / "data", episodes=16, seed=0)
+    args = argparse.Namespace(data=out / "data", episodes=16, seed=0, policy=None, overwrite_data=False)
     again = prepare_data(args, PRESETS["cpu"])
     assert again["reused"] and again["clips"] == report["data"]["clips"]
 
@@ -75,6 +75,24 @@ def test_bad_arguments_are_one_line(tmp_path: Path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and text in err[0], err
     assert not (tmp_path / "data").exists()  # nothing was made before the arguments were checked
+
+
+def test_a_cache_made_with_another_policy_is_refused_then_remade_on_request(tmp_path: Path, capsys):
+    pytest.importorskip("procgen")
+    from genie.speedrun import PRESETS, SpeedrunError, prepare_data
+
+    preset = PRESETS["cpu"] | {"max_episode_frames": 24}
+    args = argparse.Namespace(data=tmp_path / "data", episodes=2, seed=0, policy="explore", overwrite_data=False)
+    first = prepare_data(args, preset)
+    assert first["policy"] == "explore" and not first["reused"]
+    args.policy = None  # the preset's: sticky
+    with pytest.raises(SpeedrunError, match="--overwrite-data"):
+        prepare_data(args, preset)
+    args.overwrite_data = True
+    again = prepare_data(args, preset)
+    assert again["policy"] == PRESETS["cpu"]["policy"] and not again["reused"]
+    settings = json.loads((tmp_path / "data" / "train" / "prep_settings.json").read_text())
+    assert settings["policy"] == PRESETS["cpu"]["policy"]
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_speedrun.sh"

@@ -104,10 +104,13 @@ class NormLog(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.phases.append(pl_module.net.latent_norm.phase_name)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:  # before the stage's own (which may freeze): as trained
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "phases.json").write_text(json.dumps(self.phases))
-        torch.save(torch.cat(self.calibrated) if self.calibrated else torch.zeros(0), self.out / "calibrated.pt")
+        rank = trainer.global_rank
+        (self.out / f"phases{rank}.json").write_text(json.dumps(self.phases))
+        latents = torch.cat(self.calibrated) if self.calibrated else torch.zeros(0)
+        norm = {k: v.clone() for k, v in pl_module.net.latent_norm.state_dict().items()}
+        torch.save({"calibrated": latents, "norm": norm}, self.out / f"rank{rank}.pt")
 
 
 STEPS = 12
@@ -130,9 +133,9 @@ def test_latent_statistics_are_measured_then_fixed_and_resume_exactly(sprites_sh
     bitwise equal to the uninterrupted one (the phase and the partial statistics travel in the checkpoint)."""
     log = [f"--trainer.callbacks+={__name__}.NormLog", f"--trainer.callbacks.out={tmp_path / 'log'}"]
     whole = fit_with_freeze(sprites_shards, tmp_path / "whole", *log)
-    phases = json.loads((tmp_path / "log" / "phases.json").read_text())
+    phases = json.loads((tmp_path / "log" / "phases0.json").read_text())
     assert phases == ["batch"] * 6 + ["calibrating"] * 3 + ["frozen"] * 3
-    latents = torch.load(tmp_path / "log" / "calibrated.pt", weights_only=True)
+    latents = torch.load(tmp_path / "log" / "rank0.pt", weights_only=True)["calibrated"]
     assert latents.shape == (3 * 4 * 3, 8)  # 3 batches of 4 clips x 3 transitions
     torch.testing.assert_close(whole["net.latent_norm.running_mean"], latents.mean(0))
     torch.testing.assert_close(whole["net.latent_norm.running_var"], latents.var(0, unbiased=False))
@@ -152,3 +155,23 @@ def test_latent_statistics_are_measured_then_fixed_and_resume_exactly(sprites_sh
     resumed = fit_with_freeze(sprites_shards, tmp_path / "cut", "--ckpt_path=last")
     differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_two_ranks_calibrate_the_same_statistics_from_all_their_latents(sprites_shards: Path, tmp_path: Path):
+    """Under DDP both ranks switch phases at the same steps (a time budget set: rank 0 decides) and end with the same
+    fixed statistics, those of every latent either rank calibrated on. ~1 min."""
+    from .test_distributed import fit_2_ranks
+
+    log = [f"--trainer.callbacks+={__name__}.NormLog", f"--trainer.callbacks.out={tmp_path / 'log'}"]
+    args = [*VQ_SMALL, *FREEZE[:1], "--model.init_args.model.norm_calibration_batches=2", "--trainer.max_steps=6"]
+    args += ["--checkpoint_every=6", "--model.init_args.optim.budget_seconds=100000", *log]
+    fit_2_ranks(Path(TINY), sprites_shards, tmp_path / "run", *args)
+    records = [torch.load(tmp_path / "log" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    expected = ["batch"] * 3 + ["calibrating"] * 2 + ["frozen"]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "log" / f"phases{rank}.json").read_text()) == expected
+    assert all(torch.equal(records[0]["norm"][k], records[1]["norm"][k]) for k in records[0]["norm"])
+    every = torch.cat([r["calibrated"] for r in records])  # 2 batches x 2 ranks x 2 clips x 3 transitions
+    assert every.shape[0] == 24 and not torch.equal(records[0]["calibrated"], records[1]["calibrated"])
+    torch.testing.assert_close(records[0]["norm"]["running_mean"], every.mean(0))
+    torch.testing.assert_close(records[0]["norm"]["running_var"], every.var(0, unbiased=False))

@@ -92,6 +92,9 @@ def test_fit_from_video_or_token_shards(source: str, sprites_shards: Path, token
     shards = sprites_shards if source == "video" else token_shards
     root = tmp_path / "run"
     args = fit_args(TINY, shards, root, *frozen, "--trainer.max_steps=3")
+    regime = {"clean_prefix_prob": 0.7, "mask_schedule": "cosine", "context_noise": 0.03}
+    if source == "tokens":  # the training-regime options from the command line to config.json
+        args += [f"--model.init_args.model.{k}={v}" for k, v in regime.items()]
     assert main([*args, "--trainer.val_check_interval=3"]) == 0
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(k.startswith("net.") for k in ckpt["state_dict"])  # the frozen parts are not checkpointed
@@ -99,6 +102,37 @@ def test_fit_from_video_or_token_shards(source: str, sprites_shards: Path, token
     assert stage.net.config.num_codes == 64 and stage.net.config.num_actions == 6
     cfg = json.loads((root / "export" / "config.json").read_text())
     assert cfg["model_type"] == "genie_dynamics" and cfg["grid_size"] == 6
+    if source == "tokens":
+        assert {k: cfg[k] for k in regime} == regime
+
+
+def test_validation_reports_next_frame_accuracy_from_a_clean_context(frozen):
+    """val/next_frame_accuracy: last frame fully masked, true clean past (no context noise, no random mask)."""
+    from genie.models.dynamics import DynamicsConfig
+    from genie.stages.dynamics import DynamicsStage
+
+    small = dict(num_codes=64, grid_size=6, num_actions=6, num_frames=4, width=32, depth=1, num_heads=2)
+    regime = dict(clean_prefix_prob=1.0, mask_schedule="cosine", context_noise=0.5)
+    stage = DynamicsStage(DynamicsConfig(**small, **regime), tokenizer=str(frozen[0]), lam=str(frozen[1])).eval()
+    logged: dict[str, torch.Tensor] = {}
+    stage.log = lambda name, value, **kw: logged.__setitem__(name, value)  # type: ignore[method-assign]
+    tokens, actions = torch.randint(0, 64, (5, 4, 6, 6)), torch.randint(0, 6, (5, 3))
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            stage.validate_dynamics(tokens, actions)
+        runs.append(dict(logged))
+    keys = {"val/next_frame_accuracy", "val/next_frame_loss", "val/loss", "val/accuracy"}
+    assert set(runs[0]) == keys
+    assert runs[0]["val/next_frame_accuracy"] == runs[1]["val/next_frame_accuracy"]  # no random draw in it
+    assert runs[0]["val/loss"] != runs[1]["val/loss"]  # the training objective: random masks
+    mask = torch.zeros(5, 4, 36, dtype=torch.bool)
+    mask[:, -1] = True
+    with torch.no_grad():
+        logits = stage.net(tokens, actions, mask=mask).logits[:, -1]
+    want = (logits.argmax(-1) == tokens.flatten(2)[:, -1]).float().mean()
+    assert torch.isclose(runs[0]["val/next_frame_accuracy"], want)
 
 
 def test_config_that_does_not_fit_the_frozen_parts_is_one_line(sprites_shards: Path, frozen, tmp_path: Path, capsys):

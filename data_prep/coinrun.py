@@ -204,6 +204,23 @@ def procgen_version() -> str:
         return "unknown"
 
 
+def make_env(env_cls: Any, level: int, env_seed: int, distribution_mode: str) -> Any:
+    """One CoinRun environment on exactly ``level``, seeded with ``env_seed``.
+
+    ``num_threads=0`` steps in this thread: twice as fast for a single env, and no extra threads competing
+    with the other prep workers.
+    """
+    return env_cls(
+        num=1,
+        env_name="coinrun",
+        start_level=level,
+        num_levels=1,
+        distribution_mode=distribution_mode,
+        rand_seed=env_seed,
+        num_threads=0,
+    )
+
+
 def play_episode(
     env_cls: Any,
     rng: np.random.Generator,
@@ -227,17 +244,7 @@ def play_episode(
         between frame ``t`` and ``t + 1``; ``L <= max_frames``. The action that ends the episode
         has no next frame (gym3 shows the next episode's first frame instead) and is not kept.
     """
-    # num_threads=0 steps in this thread: twice as fast for a single env, and no extra threads
-    # competing with the other prep workers
-    env = env_cls(
-        num=1,
-        env_name="coinrun",
-        start_level=level,
-        num_levels=1,
-        distribution_mode=distribution_mode,
-        rand_seed=env_seed,
-        num_threads=0,
-    )
+    env = make_env(env_cls, level, env_seed, distribution_mode)
     try:
         _, obs, _ = env.observe()
         frames = [np.array(obs["rgb"][0])]
@@ -372,15 +379,7 @@ def measure_action_classes(
     differ = np.zeros((NUM_ACTIONS, NUM_ACTIONS), dtype=np.int64)
     noop = np.array([4])
     for level in range(levels):
-        env = env_cls(
-            num=1,
-            env_name="coinrun",
-            start_level=level,
-            num_levels=1,
-            distribution_mode=distribution_mode,
-            rand_seed=level,
-            num_threads=0,
-        )
+        env = make_env(env_cls, level, level, distribution_mode)
         try:
             action = int(rng.integers(NUM_ACTIONS))
             for _ in range(states_per_level):

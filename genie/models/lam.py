@@ -90,7 +90,7 @@ from transformers import initialization as hf_init
 
 from genie.models.blocks import STTransformer, STTransformerConfig
 from genie.models.hub import GeniePreTrainedModel, register_auto
-from genie.models.quantizer import VectorQuantizer, _distributed
+from genie.models.quantizer import VectorQuantizer, in_distributed_run
 from genie.models.tokenizer import frames_to_unit
 
 ACTION_CONDITIONING = ("film", "add")
@@ -299,11 +299,11 @@ class LatentNorm(nn.BatchNorm1d):
         """Merge one batch (all ranks) into the exact running mean and variance (Chan et al.'s pairwise update)."""
         x_MZ = flat_MZ.float()
         head = torch.cat([x_MZ.new_tensor([x_MZ.shape[0]]), x_MZ.sum(0)])  # count, sum
-        if _distributed():
+        if in_distributed_run():
             dist.all_reduce(head)
         n_b, mean_b = head[0], head[1:] / head[0]
         m2_b = ((x_MZ - mean_b) ** 2).sum(0)  # sum of squares about the batch mean (all ranks)
-        if _distributed():
+        if in_distributed_run():
             dist.all_reduce(m2_b)
         n_a = self.calibration_latents.to(x_MZ.dtype)
         n = n_a + n_b

@@ -49,7 +49,8 @@ class QuantizerOutput:
     perplexity: Tensor  # () exp(entropy) of the batch's code histogram (V = uniform use, 1 = collapse)
 
 
-def _distributed() -> bool:
+def in_distributed_run() -> bool:
+    """True inside a torch.distributed process group of 2+ ranks (statistics must then be all-reduced)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -141,7 +142,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update_usage(self, counts_V: Tensor) -> Tensor:
         """Sum the batch's code counts over ranks and advance the per-code "steps since used" clock."""
-        if self.sync_distributed and _distributed():
+        if self.sync_distributed and in_distributed_run():
             dist.all_reduce(counts_V)  # every rank then agrees on which codes are dead
         self.steps_since_used_V.add_(1).masked_fill_(counts_V > 0, 0)
         return counts_V
@@ -179,7 +180,7 @@ class VectorQuantizer(nn.Module):
         if replace:  # fewer inputs than dead codes: jitter the repeats so the new codes differ
             new_XZ = new_XZ + 0.01 * torch.randn_like(new_XZ)
         new_XZ = F.normalize(new_XZ, dim=-1)
-        if self.sync_distributed and _distributed():
+        if self.sync_distributed and in_distributed_run():
             dist.broadcast(new_XZ, src=0)
         self.steps_since_used_V[dead_V] = 0
         self.num_restarts += num_dead

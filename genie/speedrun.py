@@ -111,10 +111,13 @@ def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, 
 
 
 def fit_stage(
-    stage: str, args: argparse.Namespace, preset: dict[str, Any], seconds: float, extra: list[str]
+    stage: str, args: argparse.Namespace, preset: dict[str, Any], seconds: float, extra: list[str], name: str = ""
 ) -> dict[str, Any]:
-    """One ``genie fit`` stopped after ``seconds`` of wall clock; returns what it did (training.json)."""
-    out = args.out / stage
+    """One ``genie fit`` stopped after ``seconds`` of wall clock; returns what it did (training.json).
+
+    Runs ``configs/speedrun/<preset>/<stage>.yaml`` into ``OUT/<name>`` (default: the stage's name).
+    """
+    out = args.out / (name or stage)
     config = ROOT / "configs" / "speedrun" / args.preset / f"{stage}.yaml"
     argv = ["fit", "--config", str(config), f"--data.train_shards={args.data / 'train'}"]
     argv += [f"--data.val_shards={args.data / 'val'}", f"--trainer.default_root_dir={out}", "--trainer.logger=false"]
@@ -122,7 +125,7 @@ def fit_stage(
     argv += [f"--trainer.precision={preset['precision']}", f"--seed_everything={args.seed}"]
     argv += ["--trainer.enable_model_summary=false", *extra]
     t0 = time.monotonic()
-    run_genie(argv, stage)
+    run_genie(argv, name or stage)
     record = json.loads((out / "export" / "training.json").read_text())
     record.update(budget_seconds=round(seconds, 1), wall_seconds=round(time.monotonic() - t0, 1))
     return record
@@ -186,6 +189,43 @@ def evaluate(args: argparse.Namespace, preset: dict[str, Any], device: Any) -> t
     return metrics, world
 
 
+def true_action_bound(args: argparse.Namespace, preset: dict[str, Any], seconds: float, device: Any) -> dict[str, Any]:
+    """The upper bound: the same dynamics stage and time, conditioned on the data's true actions, evaluated alike.
+
+    Not part of the budget. Tells the LAM's share of the world's error from the dynamics model's: the gap
+    between this world and the latent one is what better latent actions could gain (GenieRedux-G).
+    """
+    from data_prep.coinrun import NUM_ACTIONS
+    from genie.eval.world import evaluate_world
+    from genie.models.sampler import SamplerConfig
+    from genie.world import World
+
+    extra = [
+        *frozen_overrides(args.out),
+        "--model.init_args.model.action_source=true",
+        f"--model.init_args.model.num_actions={NUM_ACTIONS}",
+        "--data.require_actions=true",
+    ]
+    record = fit_stage("dynamics", args, preset, seconds, extra, name="dynamics_true_actions")
+    world_dir = args.out / "world_true_actions"
+    tok, lam, dyn = (str(args.out / s / "export") for s in ("tokenizer", "lam", "dynamics_true_actions"))
+    argv = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", dyn, "--out", str(world_dir)]
+    run_genie([*argv, "--steps", str(preset["sampler_steps"])], "world with the true actions")
+    world = World.from_pretrained(world_dir, device=device, seed=args.seed)
+    world.sampler_config = SamplerConfig(steps=preset["sampler_steps"])
+    wld = evaluate_world(world, str(args.data / "val"), context=1, horizon=HORIZON, max_clips=preset["eval_clips"])
+    return {
+        "steps": record["global_step"],
+        "train_seconds": record["train_seconds"],
+        "rollout_psnr_per_step": wld["psnr_per_step"],
+        "rollout_psnr_10_from_1": float(np.mean(wld["psnr_per_step"][:10])),
+        "rollout_ssim_10_from_1": float(np.mean(wld["ssim_per_step"][:10])),
+        "random_actions_psnr_per_step": wld["psnr_random_per_step"],
+        "delta_psnr_t4": wld["delta_psnr_t4"],
+        "teacher_forced_token_accuracy": wld["teacher_forced_token_accuracy"],
+    }
+
+
 def summary_png(world: Any, args: argparse.Namespace, metrics: dict[str, Any], path: Path) -> Path:
     """Reconstructions, a rollout next to the real clip, and PSNR per step, in one picture."""
     from genie.data.loader import ClipStream
@@ -245,6 +285,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite-data", action="store_true", help="remake --data if made with other settings")
     parser.add_argument("--shares", default=",".join(map(str, DEFAULT_SHARES)), help="tokenizer,lam,dynamics time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--true-actions",
+        action="store_true",
+        help="also train the dynamics stage (same time, not counted in the budget) on the data's true actions "
+        "and report that world beside the latent one: the upper bound better latent actions could reach",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -279,10 +325,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print("\n[speedrun] evaluating on held-out levels ...", flush=True)
     metrics, world = evaluate(args, preset, device)
     report["metrics"] = metrics
+    eval_seconds = time.monotonic() - t_eval
+    if args.true_actions:
+        print("\n[speedrun] the upper bound: the dynamics stage on the data's true actions ...", flush=True)
+        report["true_actions"] = true_action_bound(args, preset, budget * shares[2], device)
     report["seconds"] = {
         "data": report["data"]["seconds"],
         "train": round(train_seconds, 1),
-        "eval": round(time.monotonic() - t_eval, 1),
+        "eval": round(eval_seconds, 1),
         "total": round(time.monotonic() - t_start, 1),
     }
     (args.out / "speedrun.json").write_text(json.dumps(report, indent=1))
@@ -301,6 +351,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"codes used {metrics['lam_codes_used']}, eval/training codes agree {metrics['lam_train_eval_agreement']:.1%}"
         + f"\n  world, 10 frames from 1: PSNR {metrics['rollout_psnr_10_from_1']:.2f} dB, "
         f"SSIM {metrics['rollout_ssim_10_from_1']:.3f}; ΔtPSNR(t=4) {metrics['delta_psnr_t4']:+.2f} dB"
+        + (
+            ""
+            if not args.true_actions
+            else f"\n  upper bound, the same dynamics on the true actions ({report['true_actions']['steps']} steps): "
+            f"10 frames from 1 PSNR {report['true_actions']['rollout_psnr_10_from_1']:.2f} dB, "
+            f"ΔtPSNR(t=4) {report['true_actions']['delta_psnr_t4']:+.2f} dB"
+        )
         + f"\n  report: {args.out / 'speedrun.json'}  summary: {png}"
         + f"\n  play it: genie play --world {out_world} --data {args.data / 'val'}"
     )

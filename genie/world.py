@@ -55,7 +55,7 @@ def check_compatible(tokenizer: Any, lam: Any, dynamics: Any) -> None:
         problems.append(f"dynamics num_codes={dyn.num_codes} but the tokenizer has {tok.num_codes} codes")
     if dyn.grid_size != tok.grid_size:
         problems.append(f"dynamics grid_size={dyn.grid_size} but the tokenizer's grid is {tok.grid_size}")
-    if dyn.num_actions != la.num_actions:
+    if getattr(dyn, "action_source", "latent") == "latent" and dyn.num_actions != la.num_actions:
         problems.append(f"dynamics num_actions={dyn.num_actions} but the LAM has {la.num_actions} actions")
     if la.image_size != tok.image_size:
         problems.append(f"LAM image_size={la.image_size} but the tokenizer's is {tok.image_size}")
@@ -260,8 +260,10 @@ class World:
             frames_BTHWC = frames_BTHWC[:, -self.dynamics.config.num_frames :]  # the window the model can see
             actions_BT = None if actions_BT is None else actions_BT[:, -(frames_BTHWC.shape[1] - 1) :]
             T = frames_BTHWC.shape[1]
-        if actions_BT is None:
-            actions_BT = self.lam.infer_actions(frames_BTHWC) if T > 1 else frames_BTHWC.new_zeros(len(frames_BTHWC), 0)
+        if actions_BT is None and T > 1:
+            actions_BT = self.lam_actions(frames_BTHWC)
+        elif actions_BT is None:
+            actions_BT = frames_BTHWC.new_zeros(len(frames_BTHWC), 0)
         tokens_BThw = self.tokenizer.encode(frames_BTHWC)
         self._sampler = MaskGITSampler(self.dynamics, self.sampler_config)
         self._sampler.reset(tokens_BThw.flatten(2), actions_BT.long())
@@ -295,8 +297,17 @@ class World:
         frames = self.as_frames(video, "video")
         if frames.shape[1] < 2:
             raise ValueError("infer_actions needs at least 2 frames")
-        ids = self.lam.infer_actions(frames).cpu().numpy()
+        ids = self.lam_actions(frames).cpu().numpy()
         return ids if batched else ids[0]
+
+    def lam_actions(self, frames_BTHWC: Tensor) -> Tensor:
+        """The LAM's latent action of each transition, (B, T-1); refused by a world driven by true actions."""
+        if self.dynamics.config.action_source != "latent":
+            raise ValueError(
+                "this world's dynamics model was trained on the data's true actions (action_source=true), not on the "
+                "LAM's latent actions: pass the environment's actions instead of inferring them"
+            )
+        return self.lam.infer_actions(frames_BTHWC)
 
 
 def write_bundle(
@@ -345,6 +356,7 @@ def write_bundle(
         "version": WORLD_VERSION,
         "parts": {name: type(m).__name__ for name, m in zip(names, loaded, strict=True)},
         "num_actions": loaded[2].num_actions,
+        "action_source": loaded[2].config.action_source,  # "true": stepped with the data's own action ids
         "image_size": loaded[0].config.image_size,
         "sampler": dataclasses.asdict(sampler or SamplerConfig()),
     }

@@ -25,7 +25,7 @@ METRICS = [
 def speedrun(tmp_path_factory, coinrun_shards) -> tuple[Path, dict, str]:  # coinrun_shards: skips without procgen
     out = tmp_path_factory.mktemp("speedrun")
     args = ["speedrun", "--budget-minutes", str(BUDGET_MINUTES), "--out", str(out / "run"), "--data", str(out / "data")]
-    assert main([*args, "--episodes", "16", "--preset", "cpu"]) == 0
+    assert main([*args, "--episodes", "16", "--preset", "cpu", "--true-actions"]) == 0
     return out, json.loads((out / "run" / "speedrun.json").read_text()), str(out / "run" / "speedrun.png")
 
 
@@ -57,6 +57,11 @@ def test_the_report_has_every_metric_and_a_summary_picture(speedrun):
     assert m["eval_clips"] > 0 and report["data"]["clips"] > 0 and report["preset"] == "cpu"
     assert Path(png).stat().st_size > 10_000
     assert (out / "run" / "world" / "world.json").is_file()
+    bound = report["true_actions"]  # the upper bound: the dynamics stage again, on CoinRun's own 15 actions
+    assert bound["steps"] >= 5 and len(bound["rollout_psnr_per_step"]) == 16
+    assert all(math.isfinite(bound[k]) for k in ("rollout_psnr_10_from_1", "delta_psnr_t4"))
+    world = json.loads((out / "run" / "world_true_actions" / "world.json").read_text())
+    assert world["num_actions"] == 15 and world["action_source"] == "true"
     # the data is cached: a second run with the same settings reuses the shards
     assert not report["data"]["reused"]
     from genie.speedrun import PRESETS, prepare_data

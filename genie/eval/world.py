@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from genie.data.loader import DataError
@@ -67,12 +68,15 @@ def evaluate_world(
     adapter_hits = adapter_total = 0
     lam_counts_A = torch.zeros(A, dtype=torch.long)
     rng = torch.Generator().manual_seed(seed)
+    true_actions = world.dynamics.config.action_source == "true"  # an upper-bound world: the data's own actions
     bar = tqdm(total=max_clips, desc="eval world", unit="clip", dynamic_ncols=True)
-    for b, batch in enumerate(heldout_stream(shards, T, batch_size, world.image_size, max_clips)):
+    stream = heldout_stream(shards, T, batch_size, world.image_size, max_clips, require_actions=true_actions)
+    for b, batch in enumerate(stream):
         frames = batch["frames"].to(device)  # (B, T, H, W, C) uint8
         B = frames.shape[0]
         real = frames[:, context:]  # (B, F, H, W, C)
-        actions = world.lam.infer_actions(frames)  # (B, T-1)
+        # (B, T-1): the LAM's latent actions, or the clips' own for a world trained on them
+        actions = world.check_actions(data_actions(batch, shards)) if true_actions else world.lam.infer_actions(frames)
         tokens_BThw = world.tokenizer.encode(frames)
         tokens = tokens_BThw.flatten(2)  # (B, T, N)
 
@@ -138,6 +142,7 @@ def evaluate_world(
         "context": context,
         "horizon": horizon,
         "num_actions": A,
+        "action_source": world.dynamics.config.action_source,
         "sampler": dataclasses.asdict(world.sampler_config),
         "teacher_forced_token_accuracy": float(np.mean(per_step["acc"])),
         "teacher_forced_accuracy_per_step": per_step["acc"],
@@ -155,6 +160,17 @@ def evaluate_world(
         "skipped_samples": skipped,
         **adapter,
     }
+
+
+def data_actions(batch: dict[str, Any], shards: str) -> Tensor:
+    """The clips' own discrete actions (B, T-1) long, for a world trained on them; a one-line error otherwise."""
+    actions = batch.get("actions")
+    if actions is None or actions.is_floating_point():
+        what = "no actions.npy" if actions is None else "continuous actions"
+        raise DataError(
+            f"{shards} has {what}, but this world is driven by the data's discrete actions (action_source=true)"
+        )
+    return actions.long()
 
 
 def plot_world(report: dict[str, Any], path: Path) -> Path:

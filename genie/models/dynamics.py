@@ -92,6 +92,7 @@ from genie.models.blocks import KVCache, STTransformer, STTransformerConfig
 from genie.models.hub import GeniePreTrainedModel, register_auto
 
 ACTION_CONDITIONINGS = ("prepend", "add", "film")
+ACTION_SOURCES = ("latent", "true")
 MASK_SCHEDULES = ("uniform", "cosine")
 FILM_INIT_STD = 0.3  # initial spread of the action's scales/shifts: strong enough to matter from step 0
 
@@ -112,6 +113,10 @@ class DynamicsConfig(PreTrainedConfig):
     num_heads: int = 8  # attention heads (width / num_heads must be even, for RoPE)
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
     action_conditioning: str = "film"  # "film" (scale+shift), "prepend" (an action token per frame) or "add"
+    # what the action ids are: "latent" (the LAM's latent actions, the Genie world) or "true" (the data's own discrete
+    # actions from actions.npy, ids 0..num_actions-1: an upper bound that tells the LAM's errors from the dynamics
+    # model's, as GenieRedux-G; such a world is stepped with the environment's actions, and has no use for its LAM)
+    action_source: str = "latent"
     # training mask rate of a masked frame: "cosine" draws r = cos(pi/2 u), u ~ U(0, 1) (MaskGIT's schedule: rates
     # down to ~0, as in the sampler's last steps); "uniform" draws r ~ U(mask_rate_min, mask_rate_max) (the regime
     # before these options, with 0.5 and 1; min/max are used by "uniform" only). Defaults measured: module docstring
@@ -136,6 +141,8 @@ class DynamicsConfig(PreTrainedConfig):
             raise ValueError(
                 f"action_conditioning must be one of {ACTION_CONDITIONINGS}, got {self.action_conditioning!r}"
             )
+        if self.action_source not in ACTION_SOURCES:
+            raise ValueError(f"action_source must be one of {ACTION_SOURCES}, got {self.action_source!r}")
         if self.width % self.num_heads or (self.width // self.num_heads) % 2:
             raise ValueError(f"width {self.width} / num_heads {self.num_heads} must be an even integer")
         if self.spatial_context < 0:

@@ -5,7 +5,9 @@ Dimension keys: B batch, T frames, h w token grid, N tokens per frame, V codeboo
 The stage reads either video shards (each batch is tokenized and its latent actions inferred on the fly
 by the frozen models, under ``no_grad``: the actions are stop-gradient) or token shards written by
 ``genie prep tokenize`` (``tokens`` + ``latent_actions`` already in the batch: no tokenizer or LAM
-forward pass at all). The frozen models are loaded from their exported folders, lazily and only when a
+forward pass at all). With ``model.action_source=true`` the actions are the clips' own (``actions.npy``,
+discrete ids) instead of the LAM's: an upper-bound world that tells the LAM's errors from the dynamics
+model's (the LAM is then never loaded). The frozen models are loaded from their exported folders, lazily and only when a
 batch needs them, and are not part of the stage's checkpoint: the checkpoint holds the dynamics model.
 """
 
@@ -52,13 +54,22 @@ class FrozenEncoders:
         self.tokenizer: VideoTokenizer | None = None
         self.lam: LatentActionModel | None = None
 
-    def load(self, device: torch.device) -> FrozenEncoders:
-        if self.tokenizer is None or self.lam is None:
+    def load(self, device: torch.device, lam: bool = True) -> FrozenEncoders:
+        if self.tokenizer is None:
             self.tokenizer = VideoTokenizer.from_pretrained(self.tokenizer_path).eval().requires_grad_(False)
+        if lam and self.lam is None:
             self.lam = LatentActionModel.from_pretrained(self.lam_path).eval().requires_grad_(False)
         self.tokenizer.to(device)
-        self.lam.to(device)
+        if self.lam is not None:
+            self.lam.to(device)
         return self
+
+    @torch.no_grad()
+    def tokens(self, frames_BTHWC: Tensor) -> Tensor:
+        """uint8 frames (B, T, H, W, C) -> token ids (B, T, h, w) (the tokenizer only)."""
+        self.load(frames_BTHWC.device, lam=False)
+        assert self.tokenizer is not None
+        return self.tokenizer.encode(frames_BTHWC)
 
     @torch.no_grad()
     def __call__(self, frames_BTHWC: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,9 +122,29 @@ class DynamicsStage(StageModule):
 
     def inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Token ids (B, T, h, w) and latent actions (B, T-1) of a batch of video or token shards."""
+        if self.net.config.action_source == "true":
+            tokens = batch["tokens"].long() if "tokens" in batch else self.frozen.tokens(batch["frames"])
+            return tokens, self.true_actions(batch)
         if "tokens" in batch:
             return batch["tokens"].long(), batch["latent_actions"].long()
         return self.frozen(batch["frames"])
+
+    def true_actions(self, batch: dict[str, Any]) -> Tensor:
+        """The clips' own discrete actions (B, T-1), checked against ``model.num_actions``."""
+        actions = batch.get("actions")
+        if actions is None or actions.is_floating_point():
+            what = "no actions.npy" if actions is None else "continuous actions"
+            raise ConfigError(
+                f"model.action_source=true trains on the clips' discrete actions, but this batch has {what}: "
+                "use shards with integer actions.npy (data.require_actions=true skips clips without)"
+            )
+        A = self.net.config.num_actions
+        if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= A):
+            raise ConfigError(
+                f"the clips' actions reach {int(actions.max())} but model.num_actions={A}: "
+                f"set model.num_actions={int(actions.max()) + 1} or more (e.g. 15 for procgen)"
+            )
+        return actions.long()
 
     def training_loss(self, batch: dict[str, Any]) -> Tensor:
         tokens, actions = self.inputs(batch)

@@ -198,7 +198,8 @@ def dynamics_ddp(sprites_shards: Path, frozen, tmp_path_factory) -> tuple[Path, 
     return root, fit_2_ranks(LARGE_DYNAMICS, sprites_shards, root, *DYNAMICS_ARGS, *frozen_args)
 
 
-@pytest.mark.parametrize("stage", ["tokenizer", "lam", "dynamics"])
+# the LAM's run (~16 s) under -m slow: the tokenizer's covers gradient checkpointing, the dynamics' per-rank masks
+@pytest.mark.parametrize("stage", ["tokenizer", pytest.param("lam", marks=pytest.mark.slow), "dynamics"])
 def test_ddp_ranks_see_different_clips_and_end_identical(stage: str, request):
     root, ranks = request.getfixturevalue(f"{stage}_ddp")
     keys0, keys1 = set(ranks[0]["keys"]), set(ranks[1]["keys"])

@@ -45,8 +45,9 @@ def fit_args(config: str, shards: Path, root: Path, tok: Path, lam: Path, *extra
 @pytest.fixture(scope="module")
 def token_shards(sprites_shards: Path, frozen: tuple, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokens")
-    for split in ("train", "val"):
-        args = ["prep", "tokenize", "--data", str(sprites_shards / split), "--out", str(out / split)]
+    # val whole (the mirror test compares every shard); train: its first shard (250 clips) is plenty for a few steps
+    for split, data in (("train", sprites_shards / "train" / "train-000000.tar"), ("val", sprites_shards / "val")):
+        args = ["prep", "tokenize", "--data", str(data), "--out", str(out / split)]
         assert main([*args, "--tokenizer", str(frozen[0]), "--lam", str(frozen[1]), "--device", "cpu"]) == 0
     return out
 
@@ -165,3 +166,37 @@ def test_gpu_configs_scaled_down_run_a_step(setup: str, sprites_shards: Path, fr
     assert main([*args, *scaled, *extra]) == 0
     cfg = json.loads((tmp_path / setup / "export" / "config.json").read_text())
     assert cfg["num_frames"] == want["num_frames"] and cfg["action_conditioning"] == want["action_conditioning"]
+
+
+def test_true_action_world_trains_exports_and_is_evaluated_on_the_clips_actions(
+    sprites_shards: Path, frozen, tmp_path: Path, capsys
+):
+    """model.action_source=true: the upper-bound world, conditioned on the clips' own actions (not the LAM's)."""
+    from genie.eval.world import evaluate_world
+    from genie.world import World
+
+    num_true = 1 + max(
+        int(npy_load(m["actions.npy"]).max()) for _, m in read_samples(next((sprites_shards / "train").glob("*.tar")))
+    )
+    assert num_true != 6  # differs from the LAM's 6 latent actions, so a mix-up cannot pass
+    true = ["--model.init_args.model.action_source=true", "--data.require_actions=true"]
+    args = fit_args(TINY, sprites_shards, tmp_path / "run", *frozen, "--trainer.max_steps=2", *true)
+    assert main([*args, f"--model.init_args.model.num_actions={num_true}"]) == 0
+    cfg = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    assert cfg["action_source"] == "true" and cfg["num_actions"] == num_true
+
+    # too few actions for the clips' ids: one line naming the field and the fix
+    small = fit_args(TINY, sprites_shards, tmp_path / "small", *frozen, "--trainer.max_steps=1", *true)
+    assert main([*small, "--model.init_args.model.num_actions=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.num_actions=1" in err and "or more" in err
+
+    bundle = tmp_path / "world"
+    export = ["export", "world", "--tokenizer", str(frozen[0]), "--lam", str(frozen[1]), "--out", str(bundle)]
+    assert main([*export, "--dynamics", str(tmp_path / "run" / "export"), "--steps", "2"]) == 0
+    world = World.from_pretrained(bundle, seed=0)
+    assert world.num_actions == num_true
+    with pytest.raises(ValueError, match="true actions"):
+        world.infer_actions(np.zeros((3, 24, 24, 3), np.uint8))
+    r = evaluate_world(world, str(sprites_shards / "val"), horizon=2, max_clips=4)
+    assert r["action_source"] == "true" and r["num_actions"] == num_true and r["clips"] == 4

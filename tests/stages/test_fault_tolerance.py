@@ -204,6 +204,7 @@ def test_genie_fit_nonfinite_stop_is_one_line(sprites_shards: Path, tmp_path: Pa
     assert len(err) == 1 and "non-finite loss or gradients at step 1" in err[0], err
 
 
+@pytest.mark.slow  # ~16 s of DDP start-up (2026-12-06: the default suite's 12-minute limit)
 def test_ddp_ranks_skip_together_when_only_one_sees_a_nan(sprites_shards: Path, tmp_path: Path):
     """Rank 1's loss alone is NaN at step 1 (its gradients, and so the averaged ones, stay finite): both ranks must
     skip the step, or the replicas would diverge."""

@@ -157,6 +157,7 @@ def test_latent_statistics_are_measured_then_fixed_and_resume_exactly(sprites_sh
     assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
 
 
+@pytest.mark.slow  # ~22 s of DDP start-up; tests/models/test_lam.py sums the statistics over ranks in the default suite
 def test_two_ranks_calibrate_the_same_statistics_from_all_their_latents(sprites_shards: Path, tmp_path: Path):
     """Under DDP both ranks switch phases at the same steps (a time budget set: rank 0 decides) and end with the same
     fixed statistics, those of every latent either rank calibrated on. ~1 min."""

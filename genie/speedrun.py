@@ -273,6 +273,30 @@ def summary_png(world: Any, args: argparse.Namespace, metrics: dict[str, Any], p
     return save_figure(fig, path)
 
 
+def rollout_gif(world: Any, args: argparse.Namespace, path: Path, steps: int = 12) -> Path:
+    """One GIF of panels side by side: a real held-out clip, the world driven by the LAM's actions inferred from it,
+    then the world driven by each latent action alone (the same prompt frame); a white gap between panels."""
+    import torch
+
+    from genie.data.loader import ClipStream
+    from genie.rollout import write_video
+
+    batch = next(iter(ClipStream(str(args.data / "val"), num_frames=steps + 1, batch_size=1, train=False)))
+    real = batch["frames"].to(world.device)  # (1, steps + 1, H, W, 3)
+    world.seed(args.seed)
+    panels = [real[0].cpu().numpy()]  # each (steps + 1, H, W, 3) uint8, frame 0 the prompt
+    if world.dynamics.config.action_source == "latent":
+        inferred = world.lam.infer_actions(real)  # (1, steps)
+        panels.append(np.concatenate([panels[0][:1], world.rollout(real[:, :1], inferred)[0]]))
+    for a in range(world.num_actions):
+        world.seed(args.seed)
+        actions = torch.full((1, steps), a, dtype=torch.long, device=world.device)
+        panels.append(np.concatenate([panels[0][:1], world.rollout(real[:, :1], actions)[0]]))
+    gap = np.full((steps + 1, panels[0].shape[1], 2, 3), 255, np.uint8)
+    frames = np.concatenate([x for p in panels for x in (p, gap)][:-1], axis=2)  # (steps + 1, H, W', 3)
+    return write_video(frames, path, fps=4, scale=3)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-minutes", type=float, required=True, help="training time for all three stages")
     parser.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="output folder (default runs/speedrun)")
@@ -337,6 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     (args.out / "speedrun.json").write_text(json.dumps(report, indent=1))
     png = summary_png(world, args, metrics, args.out / "speedrun.png")
+    gif = rollout_gif(world, args, args.out / "rollouts.gif")
     nmi = metrics["lam_nmi"]
     print(
         f"\nspeedrun ({args.preset}, {args.budget_minutes:g} min of training; data {report['seconds']['data']:.0f} s, "
@@ -359,6 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"ΔtPSNR(t=4) {report['true_actions']['delta_psnr_t4']:+.2f} dB"
         )
         + f"\n  report: {args.out / 'speedrun.json'}  summary: {png}"
+        + f"\n  rollouts: {gif} (real clip | the world with its inferred actions | each latent action alone)"
         + f"\n  play it: genie play --world {out_world} --data {args.data / 'val'}"
     )
     return report

@@ -57,6 +57,10 @@ def test_the_report_has_every_metric_and_a_summary_picture(speedrun):
     assert m["eval_clips"] > 0 and report["data"]["clips"] > 0 and report["preset"] == "cpu"
     assert Path(png).stat().st_size > 10_000
     assert (out / "run" / "world" / "world.json").is_file()
+    from PIL import Image
+
+    with Image.open(out / "run" / "rollouts.gif") as gif:  # real | inferred actions | each of the 6 latent actions
+        assert gif.n_frames == 13 and gif.size == (3 * (8 * 64 + 7 * 2), 3 * 64)
     bound = report["true_actions"]  # the upper bound: the dynamics stage again, on CoinRun's own 15 actions
     assert bound["steps"] >= 5 and len(bound["rollout_psnr_per_step"]) == 16
     assert all(math.isfinite(bound[k]) for k in ("rollout_psnr_10_from_1", "delta_psnr_t4"))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from genie.data.loader import DataError
 from genie.models.adapter import ActionAdapter
 from genie.models.blocks import KVCache
 from genie.models.dynamics import DynamicsModel
@@ -61,6 +62,18 @@ def check_compatible(tokenizer: Any, lam: Any, dynamics: Any) -> None:
         problems.append(f"LAM image_size={la.image_size} but the tokenizer's is {tok.image_size}")
     if problems:
         raise ValueError("models do not fit together: " + "; ".join(problems))
+
+
+def discrete_actions(batch: dict[str, Any], where: str) -> Tensor:
+    """A batch's own discrete actions (B, T-1) long, for a true-action world; a one-line DataError otherwise."""
+    actions = batch.get("actions")
+    if actions is None or actions.is_floating_point():
+        what = "no actions.npy" if actions is None else "continuous actions"
+        raise DataError(
+            f"{where} has {what}, but a world on true actions (action_source=true) needs the clips' discrete "
+            "actions: use shards with integer actions.npy"
+        )
+    return actions.long()
 
 
 class World:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU speedrun, prepared as one command: `genie speedrun --budget-minutes 8 --preset gpu`, then every number
-# it wrote into one folder (speedrun.json, speedrun.png, speedrun.md: a markdown table of every number,
+# it wrote into one folder (speedrun.json, speedrun.png, rollouts.gif, speedrun.md: a markdown table of every number,
 # speedrun.log: the whole terminal output, env.txt: GPU, driver, torch).
 #
 #   bash scripts/gpu_speedrun.sh                           # on a GPU machine, from the repository's root
@@ -93,7 +93,7 @@ environment() {  # what ran where: GPU name, memory, driver, torch and its CUDA
 
 report() {  # copy the run's report and picture to $OUT, and tabulate every number of speedrun.json
   mkdir -p "$OUT"
-  for f in speedrun.json speedrun.png; do
+  for f in speedrun.json speedrun.png rollouts.gif; do
     if [ -f "$RUN_DIR/$f" ] && [ "$(cd "$RUN_DIR" && pwd -P)" != "$(cd "$OUT" && pwd -P)" ]; then
       cp "$RUN_DIR/$f" "$OUT/"
     fi

@@ -197,3 +197,15 @@ def test_robot_actions_drive_the_world_through_its_adapter(tmp_path: Path):
         plain.latent_actions_of(commands)
     with pytest.raises(ValueError, match="adapter num_actions=3"):
         write_bundle(tmp_path / "bad", *parts(), adapter=ActionAdapter(AdapterConfig(action_dim=3, num_actions=3)))
+
+
+def test_a_true_action_world_needs_the_clips_discrete_actions():
+    from genie.data.loader import DataError
+    from genie.world import discrete_actions
+
+    ids = torch.tensor([[0, 14, 3]], dtype=torch.int32)
+    assert discrete_actions({"actions": ids}, "shards").dtype == torch.long
+    with pytest.raises(DataError, match="shards has no actions.npy"):
+        discrete_actions({}, "shards")
+    with pytest.raises(DataError, match="continuous actions"):
+        discrete_actions({"actions": torch.zeros(1, 3, 4)}, "shards")

@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from genie.data.loader import DataError
 from genie.eval.common import heldout_stream, pick_device, save_figure, subplots, write_json
 from genie.eval.metrics import frame_psnr, frame_ssim
 from genie.models.sampler import MaskGITSampler, SamplerConfig
+from genie.world import discrete_actions
 
 DELTA_T = 4  # Genie reports ΔtPSNR at t = 4
 
@@ -76,7 +76,9 @@ def evaluate_world(
         B = frames.shape[0]
         real = frames[:, context:]  # (B, F, H, W, C)
         # (B, T-1): the LAM's latent actions, or the clips' own for a world trained on them
-        actions = world.check_actions(data_actions(batch, shards)) if true_actions else world.lam.infer_actions(frames)
+        actions = (
+            world.check_actions(discrete_actions(batch, shards)) if true_actions else world.lam.infer_actions(frames)
+        )
         tokens_BThw = world.tokenizer.encode(frames)
         tokens = tokens_BThw.flatten(2)  # (B, T, N)
 
@@ -160,17 +162,6 @@ def evaluate_world(
         "skipped_samples": skipped,
         **adapter,
     }
-
-
-def data_actions(batch: dict[str, Any], shards: str) -> Tensor:
-    """The clips' own discrete actions (B, T-1) long, for a world trained on them; a one-line error otherwise."""
-    actions = batch.get("actions")
-    if actions is None or actions.is_floating_point():
-        what = "no actions.npy" if actions is None else "continuous actions"
-        raise DataError(
-            f"{shards} has {what}, but this world is driven by the data's discrete actions (action_source=true)"
-        )
-    return actions.long()
 
 
 def plot_world(report: dict[str, Any], path: Path) -> Path:

@@ -25,7 +25,7 @@ from genie.models.lam import LAMConfig, LatentActionModel
 from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
 from genie.stages.base import OptimConfig, StageModule
 from genie.train import ConfigError
-from genie.world import check_compatible
+from genie.world import check_compatible, discrete_actions
 
 C = TypeVar("C")
 
@@ -131,20 +131,15 @@ class DynamicsStage(StageModule):
 
     def true_actions(self, batch: dict[str, Any]) -> Tensor:
         """The clips' own discrete actions (B, T-1), checked against ``model.num_actions``."""
-        actions = batch.get("actions")
-        if actions is None or actions.is_floating_point():
-            what = "no actions.npy" if actions is None else "continuous actions"
-            raise ConfigError(
-                f"model.action_source=true trains on the clips' discrete actions, but this batch has {what}: "
-                "use shards with integer actions.npy (data.require_actions=true skips clips without)"
-            )
+        # data.require_actions=true skips (and counts) clips without actions
+        actions = discrete_actions(batch, "a batch of the training shards")
         A = self.net.config.num_actions
         if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= A):
             raise ConfigError(
                 f"the clips' actions reach {int(actions.max())} but model.num_actions={A}: "
                 f"set model.num_actions={int(actions.max()) + 1} or more (e.g. 15 for procgen)"
             )
-        return actions.long()
+        return actions
 
     def training_loss(self, batch: dict[str, Any]) -> Tensor:
         tokens, actions = self.inputs(batch)

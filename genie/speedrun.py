@@ -148,18 +148,28 @@ def frozen_overrides(out: Path) -> list[str]:
     ]
 
 
-def evaluate(args: argparse.Namespace, preset: dict[str, Any], device: Any) -> tuple[dict[str, Any], Any]:
-    """Every metric on the held-out levels; returns (metrics, world)."""
-    from genie.eval.lam import evaluate_lam
-    from genie.eval.tokenizer import evaluate_tokenizer
-    from genie.eval.world import evaluate_world
+def build_world(args: argparse.Namespace, preset: dict[str, Any], dynamics: str, name: str, device: Any) -> Any:
+    """Export ``OUT/<name>`` from the run's tokenizer, LAM and ``OUT/<dynamics>`` and load it with the preset's
+    sampler steps."""
     from genie.models.sampler import SamplerConfig
     from genie.world import World
 
+    tok, lam, dyn = (str(args.out / s / "export") for s in ("tokenizer", "lam", dynamics))
+    argv = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", dyn, "--out", str(args.out / name)]
+    run_genie([*argv, "--steps", str(preset["sampler_steps"])], name)
+    world = World.from_pretrained(args.out / name, device=device, seed=args.seed)
+    world.sampler_config = SamplerConfig(steps=preset["sampler_steps"])
+    return world
+
+
+def evaluate(args: argparse.Namespace, preset: dict[str, Any], world: Any, device: Any) -> dict[str, Any]:
+    """Every metric of ``world`` on the held-out levels."""
+    from genie.eval.lam import evaluate_lam
+    from genie.eval.tokenizer import evaluate_tokenizer
+    from genie.eval.world import evaluate_world
+
     val = str(args.data / "val")
     clips = preset["eval_clips"]
-    world = World.from_pretrained(args.out / "world", device=device, seed=args.seed)
-    world.sampler_config = SamplerConfig(steps=preset["sampler_steps"])
     frames = min(world.tokenizer.config.num_frames, CLIP_FRAMES)
     tok, _ = evaluate_tokenizer(world.tokenizer, val, num_frames=frames, max_clips=clips, device=device)
     lam_frames = min(world.lam.config.num_frames, CLIP_FRAMES)
@@ -186,7 +196,7 @@ def evaluate(args: argparse.Namespace, preset: dict[str, Any], device: Any) -> t
         "eval_clips": wld["clips"],
         "sampler_steps": preset["sampler_steps"],
     }
-    return metrics, world
+    return metrics
 
 
 def true_action_bound(args: argparse.Namespace, preset: dict[str, Any], seconds: float, device: Any) -> dict[str, Any]:
@@ -197,8 +207,6 @@ def true_action_bound(args: argparse.Namespace, preset: dict[str, Any], seconds:
     """
     from data_prep.coinrun import NUM_ACTIONS
     from genie.eval.world import evaluate_world
-    from genie.models.sampler import SamplerConfig
-    from genie.world import World
 
     extra = [
         *frozen_overrides(args.out),
@@ -207,12 +215,7 @@ def true_action_bound(args: argparse.Namespace, preset: dict[str, Any], seconds:
         "--data.require_actions=true",
     ]
     record = fit_stage("dynamics", args, preset, seconds, extra, name="dynamics_true_actions")
-    world_dir = args.out / "world_true_actions"
-    tok, lam, dyn = (str(args.out / s / "export") for s in ("tokenizer", "lam", "dynamics_true_actions"))
-    argv = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", dyn, "--out", str(world_dir)]
-    run_genie([*argv, "--steps", str(preset["sampler_steps"])], "world with the true actions")
-    world = World.from_pretrained(world_dir, device=device, seed=args.seed)
-    world.sampler_config = SamplerConfig(steps=preset["sampler_steps"])
+    world = build_world(args, preset, "dynamics_true_actions", "world_true_actions", device)
     wld = evaluate_world(world, str(args.data / "val"), context=1, horizon=HORIZON, max_clips=preset["eval_clips"])
     return {
         "steps": record["global_step"],
@@ -342,12 +345,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_seconds = sum(s["wall_seconds"] for s in report["stages"].values())
 
     out_world = args.out / "world"
-    tok, lam, dyn = (str(args.out / s / "export") for s in STAGES)
-    argv = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", dyn, "--out", str(out_world)]
-    run_genie([*argv, "--steps", str(preset["sampler_steps"])], "world")
+    world = build_world(args, preset, "dynamics", "world", device)
     t_eval = time.monotonic()
     print("\n[speedrun] evaluating on held-out levels ...", flush=True)
-    metrics, world = evaluate(args, preset, device)
+    metrics = evaluate(args, preset, world, device)
     report["metrics"] = metrics
     eval_seconds = time.monotonic() - t_eval
     if args.true_actions:

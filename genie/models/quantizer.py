@@ -22,6 +22,10 @@ Design:
     all DDP ranks keep identical codebooks.
   * Straight-through estimator: the forward pass uses the code, the backward pass copies the gradient to
     the (normalised) encoder output.
+  * ``metric="euclidean"`` instead matches raw vectors by squared distance, for codes that live in a space whose
+    norm means something (the tokenizer's pixel codebook: a patch's brightness is its norm). Such a codebook can
+    be k-means initialised from the first training batch (``kmeans_iters``): it then starts as the best
+    fixed-rate patch code of the data instead of random vectors the losses must first drag onto it.
 
 We write our own instead of using ``vector-quantize-pytorch``: the quantizer is ~150 readable lines central
 to the tokenizer and LAM, and owning it lets us guarantee DDP-consistent restarts, fp32 lookups under
@@ -42,7 +46,7 @@ from torch import Tensor, nn
 class QuantizerOutput:
     """Result of :meth:`VectorQuantizer.forward` (leading dims ``...`` are those of the input)."""
 
-    quantized: Tensor  # (..., Z) unit-norm codes in the forward pass, straight-through gradient to the input
+    quantized: Tensor  # (..., Z) codes in the forward pass (unit-norm under cosine), straight-through gradient to input
     ids: Tensor  # (...) long, index of the chosen code
     loss: Tensor  # () codebook loss + beta * commitment loss
     usage: Tensor  # () fraction of the V codes used by this batch (all ranks, when training under DDP)
@@ -62,14 +66,29 @@ class VectorQuantizer(nn.Module):
         code_dim: Z, dimension of each code.
         beta: commitment loss weight.
         dead_code_threshold: restart a code unused for this many training steps (0 disables restarts).
+        metric: "cosine" (l2-normalised codes and inputs) or "euclidean" (raw vectors, squared distance).
+        kmeans_iters: Lloyd iterations of the k-means initialisation on the first training batch (0: none, the
+            codebook starts random).
     """
 
-    def __init__(self, num_codes: int = 1024, code_dim: int = 32, beta: float = 0.25, dead_code_threshold: int = 100):
+    def __init__(
+        self,
+        num_codes: int = 1024,
+        code_dim: int = 32,
+        beta: float = 0.25,
+        dead_code_threshold: int = 100,
+        metric: str = "cosine",
+        kmeans_iters: int = 0,
+    ):
         super().__init__()
+        if metric not in ("cosine", "euclidean"):
+            raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
         self.num_codes = num_codes
         self.code_dim = code_dim
         self.beta = beta
         self.dead_code_threshold = dead_code_threshold
+        self.metric = metric
+        self.kmeans_iters = kmeans_iters
         self.sync_distributed = True  # all-reduce usage and broadcast restarts when torch.distributed is up
         # False: restarts rewrite the codebook inside forward (restarted codes claim inputs in that very step).
         # True: they wait in `pending_restarts` for `apply_pending_restarts()` after the optimizer step; FSDP needs
@@ -80,21 +99,68 @@ class VectorQuantizer(nn.Module):
         # persistent buffers so a resumed run keeps its restart clock (saved in model.safetensors)
         self.register_buffer("steps_since_used_V", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer("num_restarts", torch.zeros((), dtype=torch.long))  # total, for logging
+        if kmeans_iters > 0:  # persistent, so a resumed run does not initialise its trained codebook again
+            self.register_buffer("kmeans_done", torch.zeros((), dtype=torch.bool))
 
     def codes(self) -> Tensor:
-        """(V, Z) unit-norm codebook, float32."""
+        """(V, Z) codebook, float32 (unit-norm rows under the cosine metric)."""
+        if self.metric == "euclidean":
+            return self.codebook_VZ.float()
         return F.normalize(self.codebook_VZ.float(), dim=-1)
 
     def lookup(self, ids: Tensor) -> Tensor:
-        """Code vectors for ids: (...) long -> (..., Z) float32 unit vectors."""
+        """Code vectors for ids: (...) long -> (..., Z) float32."""
         return F.embedding(ids, self.codes())
+
+    def _inputs(self, z: Tensor) -> Tensor:
+        """(..., Z) any dtype -> (M, Z) float32 in the metric's space (l2-normalised under cosine)."""
+        z_MZ = z.reshape(-1, self.code_dim).float()
+        return z_MZ if self.metric == "euclidean" else F.normalize(z_MZ, dim=-1)
+
+    def _match(self, z_MZ: Tensor) -> tuple[Tensor, Tensor]:
+        """Nearest codes of prepared inputs: (M, Z) -> (error (M,) >= 0, ids (M,) long)."""
+        codes_VZ = self.codes()
+        if self.metric == "euclidean":  # ||z - c||^2 without materialising the (M, V, Z) differences
+            dist_MV = (z_MZ.square().sum(-1, keepdim=True) - 2 * z_MZ @ codes_VZ.T) + codes_VZ.square().sum(-1)
+            error_M, ids_M = dist_MV.min(dim=-1)
+            return error_M.clamp(min=0), ids_M
+        best_M, ids_M = (z_MZ @ codes_VZ.T).max(dim=-1)  # cosine similarity
+        return 1 - best_M, ids_M
 
     @torch.no_grad()
     def nearest(self, z: Tensor) -> Tensor:
-        """Ids of the nearest codes (cosine similarity), with no side effects: (..., Z) -> (...) long."""
+        """Ids of the nearest codes under the metric, with no side effects: (..., Z) -> (...) long."""
         with torch.autocast(z.device.type, enabled=False):
-            z_MZ = F.normalize(z.reshape(-1, self.code_dim).float(), dim=-1)
-            return (z_MZ @ self.codes().T).argmax(dim=-1).reshape(z.shape[:-1])
+            return self._match(self._inputs(z))[1].reshape(z.shape[:-1])
+
+    @torch.no_grad()
+    def kmeans_init(self, z_MZ: Tensor) -> None:
+        """Set the codebook to k-means centroids (``kmeans_iters`` Lloyd steps) of prepared inputs (M, Z).
+
+        Seeded from distinct random rows (with replacement and jitter when M < V); a centroid that loses all its
+        rows keeps its place. Under DDP rank 0's centroids are broadcast. With ``defer_restarts`` (FSDP) the
+        centroids are written after the step, as restarts are.
+        """
+        M, V = z_MZ.shape[0], self.num_codes
+        picks = torch.randperm(M, device=z_MZ.device)[:V] if M >= V else torch.randint(M, (V,), device=z_MZ.device)
+        centroids_VZ = z_MZ[picks].clone()
+        if M < V:
+            centroids_VZ += 0.01 * torch.randn_like(centroids_VZ)
+        for _ in range(self.kmeans_iters):
+            dist_MV = z_MZ.square().sum(-1, keepdim=True) - 2 * z_MZ @ centroids_VZ.T + centroids_VZ.square().sum(-1)
+            ids_M = dist_MV.argmin(dim=-1)
+            sums_VZ = torch.zeros_like(centroids_VZ).index_add_(0, ids_M, z_MZ)
+            counts_V = torch.bincount(ids_M, minlength=V).unsqueeze(1)
+            centroids_VZ = torch.where(counts_V > 0, sums_VZ / counts_V.clamp(min=1), centroids_VZ)
+        if self.metric == "cosine":
+            centroids_VZ = F.normalize(centroids_VZ, dim=-1)
+        if self.sync_distributed and in_distributed_run():
+            dist.broadcast(centroids_VZ, src=0)
+        self.kmeans_done.fill_(True)
+        if self.defer_restarts:
+            self.pending_restarts = (torch.arange(V, device=z_MZ.device), centroids_VZ)
+        else:
+            self.codebook_VZ.copy_(centroids_VZ.to(self.codebook_VZ.dtype))
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize encoder outputs.
@@ -111,12 +177,14 @@ class VectorQuantizer(nn.Module):
         lead_shape = z.shape[:-1]
         # the lookup runs in fp32 even under bf16 autocast: argmax over 1024 near-equal cosines is sensitive
         with torch.autocast(z.device.type, enabled=False):
-            z_MZ = F.normalize(z.reshape(-1, self.code_dim).float(), dim=-1)
+            z_MZ = self._inputs(z)
             with torch.no_grad():
-                best_M, ids_M = (z_MZ @ self.codes().T).max(dim=-1)  # cosine similarity, (M,) each
+                if self.training and self.kmeans_iters > 0 and not bool(self.kmeans_done):
+                    self.kmeans_init(z_MZ.detach())
+                error_M, ids_M = self._match(z_MZ)
                 restarts = self.training and self.dead_code_threshold > 0
-                if restarts and self.restart_dead_codes(z_MZ, error_M=1 - best_M):
-                    ids_M = (z_MZ @ self.codes().T).argmax(dim=-1)  # restarted codes claim their inputs
+                if restarts and self.restart_dead_codes(z_MZ, error_M=error_M):
+                    ids_M = self._match(z_MZ)[1]  # restarted codes claim their inputs
             codes_VZ = self.codes()  # after any restart: autograd saves the codebook only from here on
             q_MZ = F.embedding(ids_M, codes_VZ)  # (M, Z), differentiable w.r.t. the codebook
             codebook_loss = F.mse_loss(q_MZ, z_MZ.detach())  # pulls codes towards the inputs they won
@@ -158,8 +226,8 @@ class VectorQuantizer(nn.Module):
         all ranks find the same dead codes (usage counts are all-reduced) and take rank 0's replacements.
 
         Args:
-            z_MZ: (M, Z) current encoder outputs, l2-normalised.
-            error_M: (M,) optional non-negative quantization error of each row (e.g. 1 - cosine to its code).
+            z_MZ: (M, Z) current encoder outputs, in the metric's space (l2-normalised under cosine).
+            error_M: (M,) optional non-negative quantization error of each row (1 - cosine, or squared distance).
 
         Returns:
             Number of codes restarted now (0 with ``defer_restarts``: they are applied after the step).
@@ -179,7 +247,8 @@ class VectorQuantizer(nn.Module):
         new_XZ = z_MZ[picks_X].float()  # (num_dead, Z) replacement codes
         if replace:  # fewer inputs than dead codes: jitter the repeats so the new codes differ
             new_XZ = new_XZ + 0.01 * torch.randn_like(new_XZ)
-        new_XZ = F.normalize(new_XZ, dim=-1)
+        if self.metric == "cosine":
+            new_XZ = F.normalize(new_XZ, dim=-1)
         if self.sync_distributed and in_distributed_run():
             dist.broadcast(new_XZ, src=0)
         self.steps_since_used_V[dead_V] = 0

@@ -163,3 +163,74 @@ def test_deferred_restarts_wait_for_apply_merge_and_drop_non_finite_codes():
     vq.pending_restarts = (idx[:2], torch.full((2, vq.code_dim), float("nan")))
     after = vq.codebook_VZ.detach().clone()
     assert vq.apply_pending_restarts() == 0 and torch.equal(vq.codebook_VZ, after)
+
+
+# ---- euclidean metric and k-means initialisation (the tokenizer's pixel codebook) ---------------------------------
+
+
+def test_euclidean_metric_matches_raw_vectors_by_distance():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(num_codes=16, code_dim=6, metric="euclidean", dead_code_threshold=0).train()
+    with torch.no_grad():
+        vq.codebook_VZ.mul_(torch.linspace(0.1, 3.0, 16).unsqueeze(1))  # norms differ: they must count
+    z = 2.0 * torch.randn(4, 9, 6, requires_grad=True)
+    out = vq(z)
+    expected = torch.cdist(z.detach().reshape(-1, 6), vq.codebook_VZ.detach()).argmin(-1).reshape(4, 9)
+    assert torch.equal(out.ids, expected) and torch.equal(vq.nearest(z), expected)
+    torch.testing.assert_close(out.quantized, vq.codebook_VZ.detach()[expected])  # raw codes, not normalised
+    (grad,) = torch.autograd.grad(out.quantized.sum(), z, retain_graph=True)
+    torch.testing.assert_close(grad, torch.ones_like(z))  # straight through, no normalisation in the way
+    # cosine would ignore the norms: a scaled input picks another code under the euclidean metric
+    assert not torch.equal(vq.nearest(10 * z), expected)
+    with pytest.raises(ValueError, match="metric"):
+        VectorQuantizer(metric="manhattan")
+
+
+def test_euclidean_restarts_keep_the_inputs_scale():
+    vq = VectorQuantizer(num_codes=8, code_dim=4, metric="euclidean", dead_code_threshold=1).train()
+    z = 5.0 + torch.randn(64, 4)  # far from the unit sphere
+    vq(z)
+    vq(z)  # every code but the used ones has been unused for a step: restarted from rows of z
+    restarted = vq.steps_since_used_V == 0
+    assert int(vq.num_restarts) > 0
+    assert vq.codebook_VZ.detach()[restarted].norm(dim=-1).min() > 5  # not squashed onto the unit sphere
+
+
+def _clusters(n_per: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0], [-4.0, -4.0, 0]])
+    return centres, (centres.repeat_interleave(n_per, 0) + 0.1 * torch.randn(4 * n_per, 3, generator=g))
+
+
+def test_kmeans_init_fits_the_first_training_batch_once():
+    torch.manual_seed(0)
+    centres, z = _clusters()
+    vq = VectorQuantizer(num_codes=4, code_dim=3, metric="euclidean", kmeans_iters=10, dead_code_threshold=0)
+    vq.eval()
+    vq(z)  # evaluation never initialises
+    assert not bool(vq.kmeans_done)
+    vq.train()
+    vq(z)
+    assert bool(vq.kmeans_done)
+    # each centre has a code within the clusters' noise (a random codebook is ~4 away)
+    assert torch.cdist(centres, vq.codebook_VZ.detach()).min(dim=1).values.max() < 0.1
+    # done once: later batches (and a model restored from its state dict) leave the codebook to training
+    trained = vq.codebook_VZ.detach().clone()
+    vq(z + 100)
+    assert torch.equal(vq.codebook_VZ.detach(), trained)
+    restored = VectorQuantizer(num_codes=4, code_dim=3, metric="euclidean", kmeans_iters=10, dead_code_threshold=0)
+    restored.load_state_dict(vq.state_dict())
+    restored.train()(z + 100)
+    assert torch.equal(restored.codebook_VZ.detach(), trained)
+    assert "kmeans_done" not in VectorQuantizer(num_codes=4, code_dim=3).state_dict()  # older checkpoints load
+
+
+def test_kmeans_init_waits_for_the_step_when_restarts_are_deferred():
+    _, z = _clusters()
+    vq = VectorQuantizer(num_codes=4, code_dim=3, metric="euclidean", kmeans_iters=10, dead_code_threshold=0).train()
+    vq.defer_restarts = True  # FSDP: the codebook inside forward is a temporary view
+    before = vq.codebook_VZ.detach().clone()
+    vq(z)
+    assert torch.equal(vq.codebook_VZ.detach(), before) and bool(vq.kmeans_done)
+    assert vq.apply_pending_restarts() == 4
+    assert torch.cdist(vq.codebook_VZ.detach(), z).min(dim=1).values.max() < 0.5

@@ -168,19 +168,13 @@ def frozen_overrides(out: Path) -> list[str]:
 def build_world(args: argparse.Namespace, preset: dict[str, Any], dynamics: str, name: str, device: Any) -> Any:
     """Export ``OUT/<name>`` from the run's tokenizer, LAM and ``OUT/<dynamics>`` and load it with the preset's
     sampler."""
-    from genie.models.sampler import SamplerConfig
     from genie.world import World
 
     tok, lam, dyn = (str(args.out / s / "export") for s in ("tokenizer", "lam", dynamics))
     argv = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", dyn, "--out", str(args.out / name)]
-    sampler = SamplerConfig(
-        steps=preset["sampler_steps"], temperature=preset["sampler_temperature"], unmask=preset["sampler_unmask"]
-    )
-    argv += ["--steps", str(sampler.steps), "--temperature", str(sampler.temperature), "--unmask", sampler.unmask]
-    run_genie(argv, name)
-    world = World.from_pretrained(args.out / name, device=device, seed=args.seed)
-    world.sampler_config = sampler  # (as world.json now says; set again so the evaluation cannot differ)
-    return world
+    argv += ["--steps", str(preset["sampler_steps"]), "--temperature", str(preset["sampler_temperature"])]
+    run_genie([*argv, "--unmask", preset["sampler_unmask"]], name)
+    return World.from_pretrained(args.out / name, device=device, seed=args.seed)  # with world.json's sampler
 
 
 def evaluate(args: argparse.Namespace, preset: dict[str, Any], world: Any, device: Any) -> dict[str, Any]:

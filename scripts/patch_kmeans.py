@@ -17,23 +17,12 @@ from einops import rearrange
 
 from genie.data.loader import ClipStream
 from genie.eval.metrics import frame_psnr
+from genie.models.quantizer import kmeans
 
 
 def patches(frames_BTHWC: torch.Tensor, P: int) -> torch.Tensor:
     """uint8 frames (B, T, H, W, C) -> (B*T*h*w, P*P*C) float patches in [-1, 1]."""
     return rearrange(frames_BTHWC.float() / 127.5 - 1, "b t (h p) (w q) c -> (b t h w) (p q c)", p=P, q=P)
-
-
-def kmeans(x_MX: torch.Tensor, V: int, iters: int, chunk: int = 20_000) -> torch.Tensor:
-    """Lloyd's k-means from V random rows: (M, X) -> centroids (V, X); an empty cluster keeps its centroid."""
-    centroids_VX = x_MX[torch.randperm(len(x_MX))[:V]].clone()
-    for _ in range(iters):
-        starts = range(0, len(x_MX), chunk)
-        ids_M = torch.cat([torch.cdist(x_MX[i : i + chunk], centroids_VX).argmin(1) for i in starts])
-        sums_VX = torch.zeros_like(centroids_VX).index_add_(0, ids_M, x_MX)
-        counts_V1 = torch.bincount(ids_M, minlength=V).unsqueeze(1)
-        centroids_VX = torch.where(counts_V1 > 0, sums_VX / counts_V1.clamp(min=1), centroids_VX)
-    return centroids_VX
 
 
 def main() -> None:

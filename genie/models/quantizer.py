@@ -53,6 +53,31 @@ class QuantizerOutput:
     perplexity: Tensor  # () exp(entropy) of the batch's code histogram (V = uniform use, 1 = collapse)
 
 
+def squared_distances(x_MZ: Tensor, c_VZ: Tensor) -> Tensor:
+    """||x - c||^2 for every pair, without materialising the (M, V, Z) differences: (M, Z), (V, Z) -> (M, V)."""
+    return (x_MZ.square().sum(-1, keepdim=True) - 2 * x_MZ @ c_VZ.T) + c_VZ.square().sum(-1)
+
+
+def kmeans(x_MZ: Tensor, num_codes: int, iters: int, chunk: int = 20_000) -> Tensor:
+    """Lloyd's k-means of the rows of ``x_MZ``: (M, Z) -> centroids (V, Z), V = ``num_codes``.
+
+    Seeded from distinct random rows (with replacement and jitter when M < V); a centroid that loses all its rows
+    keeps its place. Rows are assigned ``chunk`` at a time, so the (M, V) distances never exist at once.
+    """
+    M, V = x_MZ.shape[0], num_codes
+    picks = torch.randperm(M, device=x_MZ.device)[:V] if M >= V else torch.randint(M, (V,), device=x_MZ.device)
+    centroids_VZ = x_MZ[picks].clone()
+    if M < V:
+        centroids_VZ += 0.01 * torch.randn_like(centroids_VZ)
+    for _ in range(iters):
+        starts = range(0, M, chunk)
+        ids_M = torch.cat([squared_distances(x_MZ[i : i + chunk], centroids_VZ).argmin(-1) for i in starts])
+        sums_VZ = torch.zeros_like(centroids_VZ).index_add_(0, ids_M, x_MZ)
+        counts_V1 = torch.bincount(ids_M, minlength=V).unsqueeze(1)
+        centroids_VZ = torch.where(counts_V1 > 0, sums_VZ / counts_V1.clamp(min=1), centroids_VZ)
+    return centroids_VZ
+
+
 def in_distributed_run() -> bool:
     """True inside a torch.distributed process group of 2+ ranks (statistics must then be all-reduced)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -101,6 +126,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("num_restarts", torch.zeros((), dtype=torch.long))  # total, for logging
         if kmeans_iters > 0:  # persistent, so a resumed run does not initialise its trained codebook again
             self.register_buffer("kmeans_done", torch.zeros((), dtype=torch.bool))
+        self._kmeans_seen_done = False  # the buffer read True (or set) once: no need to read it every step
 
     def codes(self) -> Tensor:
         """(V, Z) codebook, float32 (unit-norm rows under the cosine metric)."""
@@ -120,9 +146,8 @@ class VectorQuantizer(nn.Module):
     def _match(self, z_MZ: Tensor) -> tuple[Tensor, Tensor]:
         """Nearest codes of prepared inputs: (M, Z) -> (error (M,) >= 0, ids (M,) long)."""
         codes_VZ = self.codes()
-        if self.metric == "euclidean":  # ||z - c||^2 without materialising the (M, V, Z) differences
-            dist_MV = (z_MZ.square().sum(-1, keepdim=True) - 2 * z_MZ @ codes_VZ.T) + codes_VZ.square().sum(-1)
-            error_M, ids_M = dist_MV.min(dim=-1)
+        if self.metric == "euclidean":
+            error_M, ids_M = squared_distances(z_MZ, codes_VZ).min(dim=-1)
             return error_M.clamp(min=0), ids_M
         best_M, ids_M = (z_MZ @ codes_VZ.T).max(dim=-1)  # cosine similarity
         return 1 - best_M, ids_M
@@ -135,30 +160,19 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def kmeans_init(self, z_MZ: Tensor) -> None:
-        """Set the codebook to k-means centroids (``kmeans_iters`` Lloyd steps) of prepared inputs (M, Z).
+        """Set the codebook to :func:`kmeans` centroids (``kmeans_iters`` Lloyd steps) of prepared inputs (M, Z).
 
-        Seeded from distinct random rows (with replacement and jitter when M < V); a centroid that loses all its
-        rows keeps its place. Under DDP rank 0's centroids are broadcast. With ``defer_restarts`` (FSDP) the
-        centroids are written after the step, as restarts are.
+        Under DDP rank 0's centroids are broadcast. With ``defer_restarts`` (FSDP) the centroids are written after
+        the step, as restarts are.
         """
-        M, V = z_MZ.shape[0], self.num_codes
-        picks = torch.randperm(M, device=z_MZ.device)[:V] if M >= V else torch.randint(M, (V,), device=z_MZ.device)
-        centroids_VZ = z_MZ[picks].clone()
-        if M < V:
-            centroids_VZ += 0.01 * torch.randn_like(centroids_VZ)
-        for _ in range(self.kmeans_iters):
-            dist_MV = z_MZ.square().sum(-1, keepdim=True) - 2 * z_MZ @ centroids_VZ.T + centroids_VZ.square().sum(-1)
-            ids_M = dist_MV.argmin(dim=-1)
-            sums_VZ = torch.zeros_like(centroids_VZ).index_add_(0, ids_M, z_MZ)
-            counts_V = torch.bincount(ids_M, minlength=V).unsqueeze(1)
-            centroids_VZ = torch.where(counts_V > 0, sums_VZ / counts_V.clamp(min=1), centroids_VZ)
+        centroids_VZ = kmeans(z_MZ, self.num_codes, self.kmeans_iters)
         if self.metric == "cosine":
             centroids_VZ = F.normalize(centroids_VZ, dim=-1)
         if self.sync_distributed and in_distributed_run():
             dist.broadcast(centroids_VZ, src=0)
         self.kmeans_done.fill_(True)
         if self.defer_restarts:
-            self.pending_restarts = (torch.arange(V, device=z_MZ.device), centroids_VZ)
+            self.pending_restarts = (torch.arange(self.num_codes, device=z_MZ.device), centroids_VZ)
         else:
             self.codebook_VZ.copy_(centroids_VZ.to(self.codebook_VZ.dtype))
 
@@ -179,8 +193,10 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             z_MZ = self._inputs(z)
             with torch.no_grad():
-                if self.training and self.kmeans_iters > 0 and not bool(self.kmeans_done):
-                    self.kmeans_init(z_MZ.detach())
+                if self.training and self.kmeans_iters > 0 and not self._kmeans_seen_done:
+                    if not bool(self.kmeans_done):  # a host sync, so only until the buffer is seen set
+                        self.kmeans_init(z_MZ.detach())
+                    self._kmeans_seen_done = True
                 error_M, ids_M = self._match(z_MZ)
                 restarts = self.training and self.dead_code_threshold > 0
                 if restarts and self.restart_dead_codes(z_MZ, error_M=error_M):

@@ -24,11 +24,12 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("export", "model"): ("genie.export", "a stage checkpoint -> Hugging Face-layout model folder"),
     ("export", "world"): ("genie.export_world", "tokenizer + LAM + dynamics folders -> one world bundle"),
     ("bench", "data"): ("genie.bench.data", "decoded frames/s through the loader"),
-    ("bench", "sample"): ("genie.bench.sample", "milliseconds per generated frame, with and without the cache"),
+    ("bench", "sample"): ("genie.bench.sample", "ms per generated frame: World.step end to end, or the sampler"),
     ("bench", "train"): ("genie.bench.train", "training step speed of a stage's model (s/step, tokens/s, MFU)"),
     ("eval", "tokenizer"): ("genie.eval.tokenizer", "PSNR/SSIM and codebook usage on held-out clips"),
     ("eval", "lam"): ("genie.eval.lam", "latent action usage and NMI with true actions on held-out clips"),
     ("eval", "world"): ("genie.eval.world", "teacher-forced accuracy, rollout PSNR/SSIM and controllability"),
+    ("eval", "sampler"): ("genie.eval.sampler", "rollout quality against MaskGIT steps/unmasking/temperature"),
 }
 
 GROUP_HELP = {

@@ -17,11 +17,18 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=None, help=f"sampling temperature, 0: greedy (default {d.temperature})"
     )
     parser.add_argument("--unmask", choices=("random", "confidence"), default=None, help=f"default {d.unmask}")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile each MaskGIT step and the frame's decode (CUDA: CUDA graphs); seconds to compile once",
+    )
 
 
 def sampler_from(args: argparse.Namespace, base: SamplerConfig | None = None) -> SamplerConfig:
     """``base`` (default: SamplerConfig()) with the sampling options that were given on the command line."""
-    given = {k: getattr(args, k) for k in ("steps", "temperature", "unmask") if getattr(args, k) is not None}
+    keys = ("steps", "temperature", "unmask", "compile")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return dataclasses.replace(base or SamplerConfig(), **given)
 
 

@@ -31,11 +31,11 @@ from torch import Tensor
 
 from genie.data.loader import DataError
 from genie.models.adapter import ActionAdapter
-from genie.models.blocks import KVCache
+from genie.models.blocks import RingKVCache
 from genie.models.dynamics import DynamicsModel
 from genie.models.hub import read_json
 from genie.models.lam import LatentActionModel
-from genie.models.sampler import MaskGITSampler, SamplerConfig
+from genie.models.sampler import MaskGITSampler, SamplerConfig, compile_step
 from genie.models.tokenizer import VideoTokenizer
 from genie.runtime import flush_denormals
 from genie.stages.media import to_uint8
@@ -120,7 +120,8 @@ class World:
         self.generator = torch.Generator(device=self.device)
         self.seed(seed)
         self._sampler: MaskGITSampler | None = None
-        self._decoder_cache: KVCache | None = None
+        self._decoder_cache: RingKVCache | None = None
+        self._decode_new = self.decode_new  # compiled with the sampler's steps when the sampler compiles (begin)
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -280,18 +281,24 @@ class World:
         tokens_BThw = self.tokenizer.encode(frames_BTHWC)
         self._sampler = MaskGITSampler(self.dynamics, self.sampler_config)
         self._sampler.reset(tokens_BThw.flatten(2), actions_BT.long())
-        self._decoder_cache = self.tokenizer.make_decoder_cache()
+        self._decoder_cache = self.tokenizer.make_decoder_cache(ring=True)
+        # the new frame's decode and its conversion to uint8 (compiled code is reused across episodes)
+        self._decode_new = compile_step(self.decode_new) if self.sampler_config.compile else self.decode_new
         decoded = self.tokenizer.decode(tokens_BThw, cache=self._decoder_cache)
         return to_uint8(decoded[:, -1])
+
+    def decode_new(self, tokens_BN: Tensor) -> Tensor:
+        """Decode the newest frame's tokens (B, N) through the decoder's cache: uint8 (B, H, W, C) on the device."""
+        g = self.dynamics.config.grid_size
+        decoded = self.tokenizer.decode(tokens_BN.view(-1, 1, g, g), cache=self._decoder_cache)
+        return (decoded[:, 0] * 255).round_().to(torch.uint8)  # decode clamps to [0, 1]
 
     @torch.no_grad()
     def advance(self, actions_B: Tensor) -> np.ndarray:
         """Batched step: one action per sequence (B,) -> next frames uint8 (B, H, W, C)."""
         assert self._sampler is not None and self._decoder_cache is not None
         tokens_BN = self._sampler.next_frame(actions_B, generator=self.generator)
-        g = self.dynamics.config.grid_size
-        decoded = self.tokenizer.decode(tokens_BN.view(-1, 1, g, g), cache=self._decoder_cache)
-        return to_uint8(decoded[:, 0])
+        return self._decode_new(tokens_BN).cpu().numpy()
 
     @torch.no_grad()
     def rollout(self, prompt_BTHWC: Tensor, actions_BF: Tensor, context_actions_BT: Tensor | None = None) -> np.ndarray:

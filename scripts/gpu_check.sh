@@ -16,18 +16,7 @@ FIT_STEPS=${FIT_STEPS:-300}
 FIT_CONFIG=${FIT_CONFIG:-configs/speedrun/gpu/tokenizer.yaml}
 DATA=${DATA:-gpu_data/coinrun}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import jsonargparse, webdataset, av" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
-if ! command -v genie >/dev/null; then  # not pip-installed there: a `genie` on PATH that runs this checkout
-  mkdir -p /tmp/genie_bin
-  printf '#!/bin/sh\nexec python3 -c "import sys; from genie.cli import main; sys.exit(main(sys.argv[1:]))" "$@"\n' \
-    >/tmp/genie_bin/genie
-  chmod +x /tmp/genie_bin/genie
-  export PATH=/tmp/genie_bin:$PATH
-fi
+. "$(dirname "$0")/gpu_env.sh"  # wheels from .whl/ where needed, and a `genie` command
 stamp() { echo "== $(date +%T) $*"; }
 
 stamp env

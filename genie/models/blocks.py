@@ -142,6 +142,93 @@ class KVCache:
         return x[:, :, max(0, x.shape[2] - keep) :]
 
 
+@dataclass
+class RingKVCache:
+    """A fixed-size KV cache for generating one frame at a time: the fast step's cache (static shapes).
+
+    :class:`KVCache` concatenates every new frame's keys/values onto the past ones, so its tensors change size
+    and every refinement step allocates. This cache preallocates, per layer, a ring of W = ``max_frames`` slots
+    of shape (B*N, K, W, E) and writes frame f into slot f mod W: the W - 1 past frames a new frame can attend to
+    plus the new frame itself. Every tensor keeps its shape and address from the first frame on, and the frame
+    index is a tensor, so a generation step is one fixed computation, which ``torch.compile`` turns into one
+    graph (on CUDA, one captured CUDA graph) with no recompilation as generation moves on.
+
+    Keys are stored *before* RoPE and rotated at attention time by their distance to the new frame (slot of frame
+    f' gets position W - 1 - (f - f'), the new frame W - 1): the same attention as rotating by absolute indices,
+    since RoPE only sees differences, with tables of W rows however long generation runs. Softmax does not care
+    about the order of keys, so the ring's order needs no rolling; empty and stale slots are masked out.
+    Frames are fed one at a time (:meth:`STTransformer.forward` splits longer inputs).
+    """
+
+    num_layers: int
+    max_frames: int  # W: ring slots = the attention window (the new frame and max_frames - 1 past frames)
+    keys: list[Tensor | None] = field(default_factory=list)  # per layer, (B*N, K, W, E), un-rotated
+    values: list[Tensor | None] = field(default_factory=list)  # per layer, (B*N, K, W, E)
+    frame: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))  # index of the frame being made
+    # absolute frame index held by each slot, (W,); a large negative number while empty (masked out)
+    slot_frame: Tensor | None = None
+
+    EMPTY = -(2**40)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [None] * self.num_layers
+            self.values = [None] * self.num_layers
+        if self.slot_frame is None:
+            self.slot_frame = torch.full((self.max_frames,), self.EMPTY, dtype=torch.long)
+
+    @property
+    def num_frames(self) -> int:
+        """Frames committed so far (a host read: not for the inside of a compiled step)."""
+        return int(self.frame)
+
+    def to(self, device: torch.device) -> RingKVCache:
+        """Move the (still empty) frame counters to ``device``; the slots are allocated where the first frame runs."""
+        self.frame, self.slot_frame = self.frame.to(device), self.slot_frame.to(device)
+        return self
+
+    def claim(self) -> Tensor:
+        """Mark the new frame's slot (f mod W) as frame f; returns the slot, a (1,) long tensor."""
+        slot = (self.frame % self.max_frames).view(1)
+        self.slot_frame.index_copy_(0, slot, self.frame.view(1))
+        return slot
+
+    def window(self) -> tuple[Tensor, Tensor]:
+        """RoPE positions (W,) of the slots relative to the new frame (the new frame: W - 1), and the (1, W)
+        mask of the slots it may attend (frames f - W + 1 .. f)."""
+        dist_W = self.frame - self.slot_frame  # 0 for the new frame, W-1 for the oldest it sees
+        allowed_1W = (dist_W < self.max_frames)[None]
+        return (self.max_frames - 1 - dist_W).clamp(min=0), allowed_1W
+
+    def write(self, layer: int, slot: Tensor, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new frame's (B*N, K, 1, E) keys/values in ``slot``; returns the layer's whole ring."""
+        if self.keys[layer] is None:
+            shape = (*k_new.shape[:2], self.max_frames, k_new.shape[-1])
+            self.keys[layer] = k_new.new_zeros(shape)
+            self.values[layer] = v_new.new_zeros(shape)
+            if k_new.device.type == "cuda":  # CUDA graphs keep these addresses instead of copying the inputs
+                torch._dynamo.mark_static_address(self.keys[layer])
+                torch._dynamo.mark_static_address(self.values[layer])
+        self.keys[layer].index_copy_(2, slot, k_new.to(self.keys[layer].dtype))
+        self.values[layer].index_copy_(2, slot, v_new.to(self.values[layer].dtype))
+        return self.keys[layer], self.values[layer]
+
+    def begin_frame(self, cos_WE: Tensor, sin_WE: Tensor) -> None:
+        """Before a forward of the new frame: claim its slot and set the rotations every layer uses.
+
+        ``cos_WE`` / ``sin_WE`` are the RoPE tables of positions 0 .. W-1.
+        """
+        self.slot = self.claim()
+        pos_W, self.allowed_1W = self.window()
+        W = self.max_frames
+        self.rope_q = (cos_WE[W - 1 :], sin_WE[W - 1 :])  # (1, E): the new frame sits at position W - 1
+        self.rope_k = (cos_WE.index_select(0, pos_W), sin_WE.index_select(0, pos_W))  # (W, E), one row per slot
+
+    def advance(self) -> None:
+        """Commit the new frame: the next one is f + 1."""
+        self.frame.add_(1)
+
+
 def rope_cos_sin(
     start: int, T: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
@@ -276,14 +363,21 @@ class TemporalAttention(Attention):
     def forward(
         self,
         x_BTND: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: tuple[Tensor, Tensor] | None,
         start: int = 0,
-        cache: KVCache | None = None,
+        cache: KVCache | RingKVCache | None = None,
         layer: int = 0,
         update_cache: bool = True,
     ) -> Tensor:
         """(B, T, N, D) frames start .. start+T-1 -> (B, T, N, D); see :meth:`STTransformer.forward`."""
         N = x_BTND.shape[2]
+        if isinstance(cache, RingKVCache):  # one new frame against the ring (RingKVCache.begin_frame ran)
+            q, k, v = self.qkv_heads(rearrange(x_BTND, "b t n d -> (b n) t d"))  # (B*N, K, 1, E), not rotated
+            keys, values = cache.write(layer, cache.slot, k, v)  # (B*N, K, W, E)
+            q = apply_rope(q, *cache.rope_q).to(v.dtype)
+            keys = apply_rope(keys, *cache.rope_k).to(v.dtype)
+            y_BLD = self.attend(q, keys, values, mask=cache.allowed_1W)
+            return rearrange(y_BLD, "(b n) t d -> b t n d", n=N)
         # (B*N, K, T, E) each; keys are cached rotated
         q, k, v = self.qkv_heads(rearrange(x_BTND, "b t n d -> (b n) t d"), rope)
         T = q.shape[2]
@@ -328,9 +422,9 @@ class STBlock(nn.Module):
     def forward(
         self,
         x_BTND: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: tuple[Tensor, Tensor] | None,
         start: int = 0,
-        cache: KVCache | None = None,
+        cache: KVCache | RingKVCache | None = None,
         layer: int = 0,
         update_cache: bool = True,
     ) -> Tensor:
@@ -404,11 +498,15 @@ class STTransformer(nn.Module):
         cos, sin = tables
         return cos[start:end], sin[start:end]
 
-    def make_cache(self) -> KVCache:
-        """An empty KV cache for incremental (frame-by-frame) inference with this stack."""
+    def make_cache(self, ring: bool = False) -> KVCache | RingKVCache:
+        """An empty KV cache for incremental (frame-by-frame) inference with this stack; ``ring``: a
+        :class:`RingKVCache` (fixed shapes, one frame per forward: the fast generation step)."""
+        if ring:
+            device = self.pos_spatial_ND.device
+            return RingKVCache(num_layers=self.config.depth, max_frames=self.config.max_frames).to(device)
         return KVCache(num_layers=self.config.depth, max_frames=self.config.max_frames)
 
-    def forward(self, x_BTND: Tensor, cache: KVCache | None = None, update_cache: bool = True) -> Tensor:
+    def forward(self, x_BTND: Tensor, cache: KVCache | RingKVCache | None = None, update_cache: bool = True) -> Tensor:
         """Run the stack.
 
         Args:
@@ -422,6 +520,8 @@ class STTransformer(nn.Module):
             ``max_frames - 1`` frames (the full forward and the cached incremental forward agree exactly).
         """
         T = x_BTND.shape[1]
+        if isinstance(cache, RingKVCache):
+            return self._ring_forward(x_BTND, cache, update_cache)
         start = cache.num_frames if cache is not None else 0
         x_BTND = x_BTND + self.pos_spatial_ND.to(x_BTND.dtype)  # (N, D) broadcast over (B, T)
         rope = self.rope(start, T, x_BTND.device, x_BTND.dtype)  # all layers
@@ -433,4 +533,19 @@ class STTransformer(nn.Module):
                 x_BTND = block(x_BTND, rope, start, cache, i, update_cache)
         if cache is not None and update_cache:
             cache.num_frames += T
+        return self.norm(x_BTND)
+
+    def _ring_forward(self, x_BTND: Tensor, cache: RingKVCache, update_cache: bool) -> Tensor:
+        """:meth:`forward` over a :class:`RingKVCache`: frame by frame, nothing read from the host."""
+        T = x_BTND.shape[1]
+        if T > 1:
+            if not update_cache:
+                raise ValueError("a RingKVCache takes several frames only when they are appended (update_cache)")
+            return torch.cat([self._ring_forward(x_BTND[:, t : t + 1], cache, True) for t in range(T)], dim=1)
+        x_BTND = x_BTND + self.pos_spatial_ND.to(x_BTND.dtype)
+        cache.begin_frame(*self.rope(0, self.config.max_frames, x_BTND.device, x_BTND.dtype))
+        for i, block in enumerate(self.blocks):
+            x_BTND = block(x_BTND, None, 0, cache, i, update_cache)
+        if update_cache:
+            cache.advance()
         return self.norm(x_BTND)

@@ -21,12 +21,15 @@ generator and exists to test and benchmark the cache.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from genie.models.blocks import KVCache
+from genie.models.blocks import RingKVCache
 from genie.models.dynamics import DynamicsModel
 
 UNMASK_MODES = ("random", "confidence")
@@ -43,7 +46,11 @@ class SamplerConfig:
     unmask: str = "random"
     """Which sampled tokens to fix at each step: random (default) or confidence."""
     use_cache: bool = True
-    """Keep past frames' keys/values instead of recomputing the context each step."""
+    """Keep past frames' keys/values (a fixed-size ring) instead of recomputing the context each step."""
+    compile: bool = False
+    """``torch.compile`` the refinement step and the commit of a frame (one graph each, every shape fixed; on
+    CUDA captured as CUDA graphs). Compiling takes seconds to a minute once; falls back to eager with a warning
+    where it fails (e.g. no C++ compiler on a CPU machine)."""
 
 
 def cosine_masked(num_tokens: int, step: int, steps: int) -> int:
@@ -68,7 +75,13 @@ class MaskGITSampler:
             raise ValueError(f"unmask must be one of {UNMASK_MODES}, got {self.config.unmask!r}")
         if self.config.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.config.steps}")
-        self.cache: KVCache | None = None
+        if self.config.compile and not self.config.use_cache:
+            raise ValueError("compile needs use_cache: the compiled step reads past frames from the ring cache")
+        self.cache: RingKVCache | None = None
+        self._counts: dict[int, Tensor] = {}  # still-masked counts as device tensors, for compiled steps
+        self._refine, self._commit = self.refine, self.commit
+        if self.config.compile:
+            self._refine, self._commit = compile_step(self.refine), compile_step(self.commit)
         self.history_BTN: Tensor | None = None  # frames so far (all of them without the cache)
         self.lead_BT: Tensor | None = None  # the action leading to each frame so far
 
@@ -96,7 +109,7 @@ class MaskGITSampler:
         if self.config.use_cache:
             # the whole context goes through once (banded attention, as in generation); the cache then
             # keeps the keys/values of its last num_frames - 1 frames, all any later frame can attend to
-            self.cache = self.model.transformer.make_cache()
+            self.cache = self.model.transformer.make_cache(ring=True)
             self.model.step_logits(self.history_BTN, self.lead_BT, cache=self.cache, update_cache=True)
 
     # -- one frame ------------------------------------------------------------------------------------
@@ -122,33 +135,46 @@ class MaskGITSampler:
             raise ValueError(f"actions must be in [0, {A}), got {actions_B.tolist()}")
         B, _, N = self.history_BTN.shape
         device = self.history_BTN.device
-        mask_id = self.model.config.mask_id
-        frame_BN = torch.full((B, N), mask_id, dtype=torch.long, device=device)
+        frame_BN = torch.full((B, N), self.model.config.mask_id, dtype=torch.long, device=device)
         masked_BN = torch.ones(B, N, dtype=torch.bool, device=device)
-        steps, temp = self.config.steps, self.config.temperature
-        for s in range(steps):
-            logits_BNV = self._logits(frame_BN, actions_B).float()
-            if temp > 0:
-                probs_BNV = torch.softmax(logits_BNV / temp, dim=-1)
-                sampled_BN = torch.multinomial(probs_BNV.flatten(0, 1), 1, generator=generator).view(B, N)
-            else:
-                probs_BNV = torch.softmax(logits_BNV, dim=-1)
-                sampled_BN = logits_BNV.argmax(-1)
-            if self.config.unmask == "confidence":
-                score_BN = probs_BNV.gather(-1, sampled_BN[..., None])[..., 0]
-            else:
-                score_BN = torch.rand(B, N, device=device, generator=generator)
-            # known tokens are never re-masked: give them the top score
-            score_BN = score_BN.masked_fill(~masked_BN, float("inf"))
-            n_masked = cosine_masked(N, s, steps)
-            fix_BN = masked_BN.clone()
-            if n_masked > 0:
-                lowest = score_BN.topk(n_masked, dim=-1, largest=False).indices  # stay masked
-                fix_BN.scatter_(1, lowest, False)
-            frame_BN = torch.where(fix_BN, sampled_BN, frame_BN)
-            masked_BN = masked_BN & ~fix_BN
+        cfg = self.config
+        for s in range(cfg.steps):
+            # the step's random numbers are drawn here, outside the (compiled) step, from the caller's generator
+            u_sample_BN = torch.rand(B, N, device=device, generator=generator) if cfg.temperature > 0 else None
+            u_rank_BN = torch.rand(B, N, device=device, generator=generator) if cfg.unmask == "random" else None
+            n_masked = self._still_masked(s)
+            frame_BN, masked_BN = self._refine(frame_BN, masked_BN, actions_B, n_masked, u_sample_BN, u_rank_BN)
         self.append(frame_BN, actions_B)
         return frame_BN
+
+    def _still_masked(self, step: int) -> Tensor | int:
+        """Tokens left masked after ``step``: a python int, or for compiled steps a device tensor (no recompiles)."""
+        n = cosine_masked(self.model.config.tokens_per_frame, step, self.config.steps)
+        if not self.config.compile:
+            return n
+        if n not in self._counts:
+            self._counts[n] = torch.tensor(n, device=self.model.token_embed.weight.device)
+        return self._counts[n]
+
+    def refine(
+        self,
+        frame_BN: Tensor,
+        masked_BN: Tensor,
+        actions_B: Tensor,
+        still_masked: Tensor | int,
+        u_sample_BN: Tensor | None,
+        u_rank_BN: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """One MaskGIT refinement step of the frame being made: (frame, masked) -> (frame, masked), each (B, N)."""
+        logits_BNV = self._logits(frame_BN, actions_B).float()
+        return choose_tokens(
+            logits_BNV, frame_BN, masked_BN, still_masked, self.config.temperature, u_sample_BN, u_rank_BN
+        )
+
+    def commit(self, frame_BN: Tensor, actions_B: Tensor) -> None:
+        """Write a finished frame's keys/values into the ring cache and advance it."""
+        assert self.cache is not None
+        self.model.step_logits(frame_BN[:, None], actions_B[:, None], cache=self.cache, update_cache=True)
 
     @torch.no_grad()
     def masked_logits(self, actions_B: Tensor) -> Tensor:
@@ -164,7 +190,7 @@ class MaskGITSampler:
         """Commit a frame (sampled, or the true one for teacher forcing) reached under ``actions_B`` to the context."""
         assert self.history_BTN is not None and self.lead_BT is not None
         if self.cache is not None:
-            self.model.step_logits(frame_BN[:, None], actions_B[:, None], cache=self.cache, update_cache=True)
+            self._commit(frame_BN, actions_B)
             # the cache holds what the model needs; keep only a window of ids for callers to read
             keep = self.window
         else:
@@ -173,6 +199,76 @@ class MaskGITSampler:
         self.lead_BT = torch.cat([self.lead_BT, actions_B[:, None]], 1)
         if keep is not None:
             self.history_BTN, self.lead_BT = self.history_BTN[:, -keep:], self.lead_BT[:, -keep:]
+
+
+def compile_step(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile`` a sampler step (CUDA: mode "reduce-overhead", i.e. CUDA graphs); eager if compiling fails.
+
+    The first call compiles; a failure there (a CPU machine without a C++ compiler, an unsupported backend) warns
+    once and runs ``fn`` eagerly from then on, so a world never stops stepping because it could not be compiled.
+    """
+    compiled: Callable[..., Any] | None = None
+    failed = False
+
+    def step(*args: Any) -> Any:
+        nonlocal compiled, failed
+        if failed:
+            return fn(*args)
+        if compiled is None:
+            cuda = any(isinstance(a, Tensor) and a.is_cuda for a in args)
+            compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if cuda else None)
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+            failed = True
+            warnings.warn(f"torch.compile of the sampler step failed, running eagerly: {error}", stacklevel=2)
+            return fn(*args)
+
+    return step
+
+
+def choose_tokens(
+    logits_BNV: Tensor,
+    frame_BN: Tensor,
+    masked_BN: Tensor,
+    still_masked: Tensor | int,
+    temperature: float,
+    u_sample_BN: Tensor | None = None,
+    u_rank_BN: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample every masked token, then fix all but the ``still_masked`` lowest-scored ones.
+
+    Args:
+        logits_BNV: (B, N, V) float logits of the frame being made.
+        frame_BN: (B, N) ids so far (MASK where masked).
+        masked_BN: (B, N) bool, True where still masked.
+        still_masked: tokens per frame left masked after this step (an int or a 0-dim tensor).
+        temperature: softmax temperature; 0 takes the most likely id.
+        u_sample_BN: (B, N) uniforms in [0, 1) for sampling (inverse CDF), when ``temperature > 0``.
+        u_rank_BN: (B, N) uniforms giving each token's score for ``unmask="random"``; None scores by confidence
+            (the sampled id's probability).
+
+    Returns:
+        frame_BN, masked_BN after the step. Every shape is fixed and nothing is read back to the host, so one
+        compiled graph serves every step.
+    """
+    V = logits_BNV.shape[-1]
+    if temperature > 0:
+        assert u_sample_BN is not None
+        probs_BNV = torch.softmax(logits_BNV / temperature, dim=-1)
+        cdf_BNV = probs_BNV.cumsum(-1)
+        # inverse CDF: the first id whose cumulative probability passes u (one uniform per token)
+        sampled_BN = (cdf_BNV < u_sample_BN[..., None] * cdf_BNV[..., -1:]).sum(-1).clamp_(max=V - 1)
+    else:
+        probs_BNV = torch.softmax(logits_BNV, dim=-1)
+        sampled_BN = logits_BNV.argmax(-1)
+    score_BN = probs_BNV.gather(-1, sampled_BN[..., None])[..., 0] if u_rank_BN is None else u_rank_BN
+    # known tokens are never re-masked: give them the top score; the lowest still_masked scores stay masked
+    score_BN = score_BN.masked_fill(~masked_BN, float("inf"))
+    rank_BN = score_BN.argsort(dim=-1, stable=True).argsort(dim=-1)  # 0 = lowest score
+    stay_BN = rank_BN < still_masked
+    frame_BN = torch.where(masked_BN & ~stay_BN, sampled_BN, frame_BN)
+    return frame_BN, masked_BN & stay_BN
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
 from transformers import PreTrainedConfig
 
-from genie.models.blocks import KVCache, STTransformer, STTransformerConfig
+from genie.models.blocks import KVCache, RingKVCache, STTransformer, STTransformerConfig
 from genie.models.hub import GeniePreTrainedModel
 from genie.models.quantizer import VectorQuantizer
 
@@ -188,9 +188,10 @@ class VideoTokenizer(GeniePreTrainedModel):
         """KV cache for tokenizing a video frame by frame with :meth:`encode`."""
         return self.encoder.make_cache()
 
-    def make_decoder_cache(self) -> KVCache:
-        """KV cache for decoding tokens frame by frame with :meth:`decode`."""
-        return self.decoder.make_cache()
+    def make_decoder_cache(self, ring: bool = False) -> KVCache | RingKVCache:
+        """KV cache for decoding tokens frame by frame with :meth:`decode`; ``ring``: fixed shapes (one frame a call,
+        compilable; :class:`~genie.models.blocks.RingKVCache`)."""
+        return self.decoder.make_cache(ring=ring)
 
     # ---- halves -------------------------------------------------------------------------------------------
 

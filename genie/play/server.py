@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -397,12 +398,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=8.0, help="largest image upload accepted (default 8)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     parser.add_argument("--verbose", action="store_true", help="log every request")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the world's step (faster frames after a compile)"
+    )
 
 
 def build_app(args: argparse.Namespace) -> PlayApp:
     from genie.eval.common import pick_device
 
     world = World.from_pretrained(args.world, device=pick_device(args.device), seed=args.seed)
+    if args.compile:
+        world.sampler_config = dataclasses.replace(world.sampler_config, compile=True)
+        print("compiling the world's step on the first frame (seconds to a minute; cached for later runs)", flush=True)
     prompts = load_prompts(world, args.world, args.prompt, args.data, args.num_prompts)
     if prompts[0].name == "grey":
         print("no --prompt, --data or WORLD/prompts: episodes start from a grey frame (upload an image in the page)")

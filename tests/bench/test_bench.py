@@ -163,3 +163,40 @@ def test_flop_counter_counts_the_cpu_fast_linear():
     with FlopCounterMode(display=False) as counter:
         cpu_ops.linear(x, w)
     assert counter.get_total_flops() == 2 * 600 * 32 * 16
+
+
+def test_bench_sample_times_a_world_end_to_end(tmp_path, capsys):
+    from tests.worlds import write_tiny_world
+
+    world = write_tiny_world(tmp_path / "world", steps=3)
+    out = tmp_path / "w.json"
+    args = ["bench", "sample", "--world", str(world), "--frames", "2", "--batch-size", "3", "--json", str(out)]
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["what"], r["batch"]) for r in rows] == [("world.step", 1), ("world x3", 3), ("dynamics only", 1)]
+    for r in rows:
+        assert r["steps"] == 3 and r["ms_per_step"] > 0 and r["mode"] == "eager"
+    assert rows[1]["frames_per_s"] == pytest.approx(3000 / rows[1]["ms_per_step"])
+    assert main(["bench", "sample", "--world", str(world), "--modes", "cache"]) != 0
+    assert "eager and compiled" in capsys.readouterr().err
+
+
+def test_bench_sample_builds_an_untrained_world_from_stage_configs(tmp_path, capsys):
+    import yaml
+
+    small = {"width": 32, "num_heads": 2, "mlp_ratio": 2.0, "num_frames": 4, "image_size": 16, "patch_size": 4}
+    models = {
+        "tokenizer": {**small, "encoder_depth": 1, "decoder_depth": 1, "code_dim": 8, "num_codes": 32},
+        "lam": {**small, "encoder_depth": 1, "decoder_depth": 1, "code_dim": 4, "num_actions": 3},
+        "dynamics": {"width": 32, "num_heads": 2, "depth": 1, "num_codes": 32, "grid_size": 4, "num_actions": 3},
+    }
+    for name, model in models.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"model": model}}}))
+    out = tmp_path / "w.json"
+    args = ["bench", "sample", "--world", str(tmp_path), "--frames", "2", "--steps", "2", "--json", str(out)]
+    assert main([*args, "--batch-size", "2"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows[0]["what"] == "world.step" and rows[0]["steps"] == 2 and rows[0]["tokens"] == 16
+    (tmp_path / "lam.yaml").unlink()
+    assert main(args) != 0
+    assert "lam.yaml is missing" in capsys.readouterr().err

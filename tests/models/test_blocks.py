@@ -96,6 +96,28 @@ def test_read_only_cache_step():
     assert cache.num_frames == 0 and cache.past_len == 0
 
 
+@pytest.mark.parametrize("max_frames", [4, 16])
+def test_ring_cache_matches_full_forward(max_frames):
+    # the fast step's fixed-size cache: a context, then frames one at a time (each refined read-only first), well past
+    # the window; float64, since the ring sums its keys in slot order and rotates them by relative positions
+    model = make_model(depth=3, max_frames=max_frames).double()
+    x = torch.randn(B, 11, N, D, dtype=torch.float64)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.make_cache(ring=True)
+        outs = [model(x[:, :3], cache=cache)]
+        keys = cache.keys[0]
+        for t in range(3, 11):
+            peek = model(x[:, t : t + 1], cache=cache, update_cache=False)
+            assert cache.num_frames == t
+            outs.append(model(x[:, t : t + 1], cache=cache))
+            torch.testing.assert_close(peek, outs[-1], atol=0, rtol=0)
+        assert cache.keys[0] is keys and keys.shape == (B * N, 4, max_frames, D // 4)  # fixed buffers, one address
+        with pytest.raises(ValueError, match="update_cache"):
+            model(x[:, :2], cache=cache, update_cache=False)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-12, rtol=1e-12)
+
+
 def test_cache_truncate():
     model = make_model(max_frames=8)
     with torch.no_grad():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
+
 import pytest
 import torch
 
 from genie.models.dynamics import DynamicsConfig, DynamicsModel
-from genie.models.sampler import MaskGITSampler, SamplerConfig, cosine_masked, generate
+from genie.models.sampler import MaskGITSampler, SamplerConfig, choose_tokens, cosine_masked, generate
 
 OFF = {"clean_prefix_prob": 0.0, "mask_schedule": "uniform", "context_noise": 0.0}  # the regime before the options
 
@@ -248,6 +251,51 @@ def test_float32_cache_matches_with_default_sampler():
         for c in (True, False)
     )
     assert torch.equal(a, b)
+
+
+def test_choose_tokens_samples_by_inverse_cdf_and_keeps_the_lowest_scores_masked():
+    torch.manual_seed(0)
+    B, N, V = 4, 2000, 3
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3])).expand(B, N, V)
+    frame = torch.full((B, N), V, dtype=torch.long)
+    masked = torch.ones(B, N, dtype=torch.bool)
+    u = torch.rand(B, N)
+    ids, still = choose_tokens(logits, frame, masked, 0, 1.0, u, torch.rand(B, N))
+    assert not still.any()
+    shares = torch.bincount(ids.flatten(), minlength=V).float() / ids.numel()
+    torch.testing.assert_close(shares, torch.tensor([0.2, 0.5, 0.3]), atol=0.02, rtol=0)
+    assert torch.equal(ids, (u >= 0.2).long() + (u >= 0.7).long())  # the first id whose CDF passes u
+    # random unmasking: the n lowest scores of the still-masked tokens stay masked, known tokens stay known
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+    masked = torch.tensor([[True, True, True, False]])
+    frame = torch.tensor([[V, V, V, 2]])
+    out, still = choose_tokens(torch.zeros(1, 4, V), frame, masked, 1, 0.0, None, scores)
+    assert still.tolist() == [[False, True, False, False]] and out.tolist() == [[0, V, 0, 2]]
+    # confidence: the least likely sampled token stays masked
+    logits = torch.log(torch.tensor([[[0.9, 0.1, 0.0], [0.4, 0.6, 0.0], [0.1, 0.1, 0.8]]]))
+    out, still = choose_tokens(logits, torch.full((1, 3), V), torch.ones(1, 3, dtype=torch.bool), 1, 0.0, None, None)
+    assert still.tolist() == [[False, True, False]] and out.tolist() == [[0, V, 2]]
+
+
+@pytest.mark.parametrize(
+    "temperature, unmask", [(1.0, "confidence"), pytest.param(0.0, "random", marks=pytest.mark.slow)]
+)  # compiling costs ~15-30 s a case on the 2-core CPU
+def test_compiled_step_gives_the_reference_frames(temperature, unmask):
+    # the fast step (torch.compile over the ring cache) against recomputing the whole history, same generator
+    m = tiny("film", frames=4).double()
+    ctx, ctx_actions, future = (
+        torch.randint(0, 64, (2, 2, 16)),
+        torch.randint(0, 4, (2, 1)),
+        torch.randint(0, 4, (2, 6)),
+    )
+    cfg = SamplerConfig(steps=3, temperature=temperature, unmask=unmask)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the sampler step failed")  # no eager fallback
+        fast = generate(m, ctx, ctx_actions, future, replace(cfg, compile=True), torch.Generator().manual_seed(3))
+    ref = generate(m, ctx, ctx_actions, future, replace(cfg, use_cache=False), torch.Generator().manual_seed(3))
+    assert torch.equal(fast, ref)
+    with pytest.raises(ValueError, match="use_cache"):
+        MaskGITSampler(m, replace(cfg, compile=True, use_cache=False))
 
 
 def test_sampler_rejects_bad_actions_and_context():

@@ -111,6 +111,11 @@ def test_frame_by_frame_with_caches(model):
         rec_steps.append(model.decode(ids_t, cache=dec_cache))
     torch.testing.assert_close(torch.cat(ids_steps, 1), ids_full, atol=0, rtol=0)
     torch.testing.assert_close(torch.cat(rec_steps, 1), rec_full, atol=1e-5, rtol=1e-5)
+    ring = model.make_decoder_cache(ring=True)  # the world's cache: a context of 3 frames, then one at a time
+    rec_ring = [model.decode(ids_full[:, :3], cache=ring)] + [
+        model.decode(ids_full[:, t : t + 1], cache=ring) for t in range(3, 7)
+    ]
+    torch.testing.assert_close(torch.cat(rec_ring, 1), rec_full, atol=1e-5, rtol=1e-5)
 
 
 def test_save_load_identical(model, tmp_path):

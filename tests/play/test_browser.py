@@ -129,3 +129,18 @@ def test_tabs_keep_their_own_episodes_and_bad_uploads_are_explained(served: Serv
     assert b.get_attribute("#frame", "data-step") == "0" and b.inner_text("#message") == ""
     b.screenshot(path=str(artifacts / "play-upload.png"))
     context.close()
+
+
+def test_holding_a_key_streams_frames_and_shows_the_rate(served: Served, browser):
+    page = browser.new_page()
+    page.goto(served.url)
+    wait_for_step(page, 0)
+    page.keyboard.down("2")  # one keydown; Playwright sends no auto-repeat, so every step past the first is streamed
+    page.wait_for_selector("#frame[data-step='6']", timeout=30_000)
+    assert "frames/s" in page.inner_text("#fps")
+    page.keyboard.up("2")
+    page.wait_for_function("document.querySelector('#fps').textContent === ''", timeout=30_000)  # stream ended
+    stopped = int(page.get_attribute("#frame", "data-step"))
+    page.wait_for_timeout(500)
+    assert int(page.get_attribute("#frame", "data-step")) == stopped  # released: no more steps
+    assert set(page.inner_text("#history").split()) == {"1"}

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -44,14 +43,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from genie.models.cpu_ops import (
-    Linear,
-    apply_rope_fast,
-    qkv_heads_fast,
-    short_attention,
-    short_attention_applies,
-    use_cpu_ops,
-)
+from genie.models import cpu_ops
+from genie.models.cpu_ops import Linear
 
 
 @dataclass
@@ -306,18 +299,13 @@ class Attention(nn.Module):
         """Project and split into (QK-normalised, then RoPE-rotated if ``rope``) heads: q, k, v each (B', K, L, E),
         all in v's dtype (bf16 under autocast; the norms and rotations themselves run in fp32 on the CPU)."""
         qkv_BLX = self.qkv(x_BLD)  # X = 3 * D
-        if use_cpu_ops(qkv_BLX) and isinstance(self.q_norm, QKNorm):
-            # one autograd node for the split, both norms and both rotations (genie/models/cpu_ops.py)
-            w_q, w_k, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
-            return qkv_heads_fast(qkv_BLX, self.num_heads, w_q, w_k, eps, rope)
+        cpu = cpu_ops.qkv_heads(qkv_BLX, self.num_heads, self.q_norm, self.k_norm, rope)  # the CPU kernels' seam
+        if cpu is not None:
+            return cpu
         qkv = rearrange(qkv_BLX, "b l (three k e) -> three b k l e", three=3, k=self.num_heads)
         # unbind, not qkv[0], qkv[1], qkv[2]: each index's backward zero-fills a full (3, B', K, L, E) gradient
         # (measured on the CPU: ~2.5 ms per attention layer, ~15% of a reference-config training step)
         q, k, v = qkv.unbind(0)
-        if use_cpu_ops(q):
-            if rope is not None:
-                q, k = apply_rope_fast(q, *rope).to(v.dtype), apply_rope_fast(k, *rope).to(v.dtype)
-            return q, k, v
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -325,21 +313,10 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """SDPA of (B', K, L, E) queries on (B', K, S, E) keys/values, then the output projection: (B', L, D)."""
-        dtype, fp32_attention = v.dtype, nullcontext()
         dropout = self.dropout if self.training else 0.0
-        if dropout == 0.0 and short_attention_applies(q, k, v):
-            # CPU, short sequences: plain batched products beat PyTorch's CPU flash kernel 1.5-3x (cpu_ops.py)
-            y = short_attention(q, k, v, mask, causal)
-        else:
-            if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype, v.dtype):
-                # PyTorch's CPU flash attention is 2-3x slower in bf16 than in fp32 (forward + backward,
-                # (512, 4, 8, 32) temporal: 7.6 vs 4.8 ms; (64, 4, 64, 32) spatial: 16.5 vs 5.7 ms), so where it
-                # runs under CPU bf16 autocast it runs in fp32 (autocast would cast it back)
-                q, k, v = q.float(), k.float(), v.float()
-                fp32_attention = torch.autocast("cpu", enabled=False)
-            with fp32_attention:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
-            y = y.to(dtype)
+        y = cpu_ops.attention(q, k, v, mask, causal, dropout)  # the CPU kernels' seam
+        if y is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         return self.resid_dropout(self.proj(rearrange(y, "b k l e -> b l (k e)")))
 
 

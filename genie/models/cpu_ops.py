@@ -25,16 +25,34 @@ autocast, and a profile put the time in three places that PyTorch's generic CPU 
   kept for backward) is 1.5-3x faster, and in bf16, where the flash kernel is slower than in fp32, 3-8x.
 
 Each is used only for CPU tensors (and outside ``torch.compile``, which fuses these itself); on a GPU the
-model calls ``F.linear``, the fused ``F.rms_norm`` kernel and the plain RoPE. Each matches its reference to
+model calls ``F.linear``, the fused ``F.rms_norm`` kernel and the plain RoPE. The ST transformer reaches them
+through one seam, :func:`qkv_heads` and :func:`attention` (each answers None where PyTorch's op is the path), and
+:class:`Linear`; ``blocks.py`` itself holds one path, the reference math. ``GENIE_CPU_OPS=0`` switches them all off.
+
+Do they earn their place on every CPU family? fp32 training steps of issue 8's reference config, on/off
+(``genie bench train``, 15 steps, two runs each, alternated): on a 2-core AMD EPYC Zen 3 (AVX2, no AVX-512;
+2026-12-06) tokenizer 0.80 / 0.91 s against 0.83 / 0.90 off, LAM 0.85 / 0.98 against 0.98 / 0.96, dynamics
+0.45 / 0.52 against 0.50 / 0.53: even to ~5% faster. On a 2-core Intel Xeon with AMX (issue 18) the tokenizer ran
+0.68 s on, 0.73 off. The bf16 paths were tuned on a Zen 5 EPYC with AVX-512 BF16 (docs/architecture.md,
+"Measured"); the Zen 3 machine has no native bf16 at all (a bf16 step took 13.5 s against 0.87 fp32, with the
+paths on or off), so they are unmeasured elsewhere. Each matches its reference to
 fp32 rounding in value and gradient (short attention in bf16: to bf16 rounding; tests/models/test_cpu_ops.py).
 Speed before -> after is in docs/architecture.md ("Measured").
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
+
+
+def enabled() -> bool:
+    """``GENIE_CPU_OPS=0`` switches every path of this module off (PyTorch's own ops run), to measure what they gain."""
+    return os.environ.get("GENIE_CPU_OPS", "1") != "0"
 
 
 def use_cpu_ops(x: Tensor) -> bool:
@@ -42,7 +60,51 @@ def use_cpu_ops(x: Tensor) -> bool:
 
     (float64 models, used by exactness tests, keep PyTorch's own ops.)
     """
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not torch.compiler.is_compiling()
+        and enabled()
+    )
+
+
+# ---- the seam: what the ST transformer's attention calls (genie/models/blocks.py) -----------------------------
+
+
+def qkv_heads(
+    qkv_BLX: Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module, rope: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The CPU path of ``Attention.qkv_heads``: heads q, k, v (B', K, L, E) from the fused projection (B', L, 3D),
+    QK-normalised and rotated; None where PyTorch's ops are the path (not a CPU tensor, compiling, switched off)."""
+    if not use_cpu_ops(qkv_BLX):
+        return None
+    if isinstance(q_norm, nn.RMSNorm):
+        # one autograd node for the split, both norms and both rotations
+        return qkv_heads_fast(qkv_BLX, num_heads, q_norm.weight, k_norm.weight, q_norm.eps, rope)
+    q, k, v = rearrange(qkv_BLX, "b l (three k e) -> three b k l e", three=3, k=num_heads).unbind(0)
+    if rope is not None:  # no QK norm: the rotation alone
+        q, k = apply_rope_fast(q, *rope).to(v.dtype), apply_rope_fast(k, *rope).to(v.dtype)
+    return q, k, v
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout: float) -> Tensor | None:
+    """The CPU path of the ST transformer's attention (B', K, L, E) -> (B', K, L, E) in v's dtype, or None where
+    ``F.scaled_dot_product_attention`` as called is the path.
+
+    bf16 short sequences take :func:`short_attention`; longer bf16 ones run PyTorch's CPU flash kernel in fp32,
+    which is 2-3x faster there than in bf16 (forward + backward, (512, 4, 8, 32) temporal: 7.6 vs 4.8 ms;
+    (64, 4, 64, 32) spatial: 16.5 vs 5.7 ms; autocast would cast it back, so it is switched off around the call).
+    """
+    if dropout == 0.0 and short_attention_applies(q, k, v):
+        return short_attention(q, k, v, mask, causal)
+    # (also while compiling: inductor calls the same flash kernel)
+    if not (v.device.type == "cpu" and enabled() and torch.bfloat16 in (q.dtype, k.dtype, v.dtype)):
+        return None
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, dropout_p=dropout
+        )
+    return y.to(v.dtype)
 
 
 # ---- linear ---------------------------------------------------------------------------------------------

@@ -130,10 +130,10 @@ def test_cache_truncate():
 def test_sdpa_paths(monkeypatch):
     """Training clips take the fused causal path (SDPA's, or the CPU short-sequence attention's); one cached frame
     needs no mask."""
-    from genie.models import blocks
+    from genie.models import cpu_ops
 
     calls = []
-    sdpa, short = F.scaled_dot_product_attention, blocks.short_attention
+    sdpa, short = F.scaled_dot_product_attention, cpu_ops.short_attention
 
     def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
         calls.append((q.shape[2], k.shape[2], attn_mask is not None, is_causal))
@@ -144,7 +144,7 @@ def test_sdpa_paths(monkeypatch):
         return short(q, k, v, mask, causal)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(blocks, "short_attention", spy_short)
+    monkeypatch.setattr(cpu_ops, "short_attention", spy_short)
     model = make_model(depth=1, max_frames=8)
     with torch.no_grad():
         model(torch.randn(B, 5, N, D))

@@ -172,3 +172,22 @@ def test_attention_layer_takes_short_path_on_cpu_and_sdpa_with_dropout():
     assert not any("ShortAttention" in n for n in names)
     attn.eval()
     assert any("ShortAttention" in n for n in graph_names(attn.attend(q, k, v, causal=True)))
+
+
+def test_genie_cpu_ops_0_switches_every_path_off_and_the_math_stays(monkeypatch):
+    from genie.models.blocks import STTransformer, STTransformerConfig
+
+    torch.manual_seed(0)
+    model = STTransformer(STTransformerConfig(width=32, depth=2, num_heads=2, num_spatial_tokens=9, max_frames=4))
+    x = torch.randn(2, 4, 9, 32)
+    q = torch.randn(2, 2, 9, 16, dtype=torch.bfloat16)
+    assert cpu_ops.attention(q, q, q, None, False, 0.0) is not None  # bf16 on the CPU: the short-sequence kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_bf16 = model(x)
+    fast = model(x)
+    monkeypatch.setenv("GENIE_CPU_OPS", "0")
+    assert not cpu_ops.use_cpu_ops(x) and cpu_ops.attention(q, q, q, None, False, 0.0) is None
+    assert cpu_ops.qkv_heads(torch.randn(2, 9, 96), 2, model.blocks[0].spatial.q_norm, None, None) is None
+    torch.testing.assert_close(model(x), fast, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x), fast_bf16, atol=0.05, rtol=0.05)

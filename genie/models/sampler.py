@@ -206,19 +206,26 @@ def compile_step(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     The first call compiles; a failure there (a CPU machine without a C++ compiler, an unsupported backend) warns
     once and runs ``fn`` eagerly from then on, so a world never stops stepping because it could not be compiled.
+    On CUDA each call begins a new CUDA-graph step and its tensor outputs are cloned: a replay reuses the graph's
+    output memory, and a caller keeps frames (and the next step reads the last one) past the next replay.
+    (The CUDA path is written to PyTorch's CUDA-graph rules but has not yet run on a GPU: scripts/gpu_realtime.sh.)
     """
     compiled: Callable[..., Any] | None = None
-    failed = False
+    failed = cuda = False
 
     def step(*args: Any) -> Any:
-        nonlocal compiled, failed
+        nonlocal compiled, failed, cuda
         if failed:
             return fn(*args)
         if compiled is None:
             cuda = any(isinstance(a, Tensor) and a.is_cuda for a in args)
             compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if cuda else None)
         try:
-            return compiled(*args)
+            if not cuda:
+                return compiled(*args)
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(*args)
+            return tuple(o.clone() for o in out) if isinstance(out, tuple) else (None if out is None else out.clone())
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
             failed = True
             warnings.warn(f"torch.compile of the sampler step failed, running eagerly: {error}", stacklevel=2)

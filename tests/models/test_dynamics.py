@@ -278,20 +278,42 @@ def test_choose_tokens_samples_by_inverse_cdf_and_keeps_the_lowest_scores_masked
 
 
 @pytest.mark.parametrize(
-    "temperature, unmask", [(1.0, "confidence"), pytest.param(0.0, "random", marks=pytest.mark.slow)]
-)  # compiling costs ~15-30 s a case on the 2-core CPU
-def test_compiled_step_gives_the_reference_frames(temperature, unmask):
-    # the fast step (torch.compile over the ring cache) against recomputing the whole history, same generator
-    m = tiny("film", frames=4).double()
+    "backend, temperature, unmask",
+    [
+        ("eager", 1.0, "confidence"),
+        ("eager", 0.0, "random"),
+        pytest.param("inductor", 1.0, "confidence", marks=pytest.mark.slow),  # ~35 s of C++ compiling on 2 cores
+        pytest.param("inductor", 0.0, "random", marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_step_gives_the_reference_frames(monkeypatch, backend, temperature, unmask):
+    """The fast step (torch.compile over the ring cache) against recomputing the whole history, same generator.
+
+    Backend "eager": dynamo traces the step into one graph per function (what must hold for inductor and CUDA graphs:
+    nothing graph-breaks, nothing recompiles as frames go by) and runs it without generating code; "inductor" is
+    the real compile (slow)."""
+    import torch._dynamo
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=backend, dynamic=False, fullgraph=True))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = DynamicsConfig(num_codes=64, grid_size=4, num_actions=4, num_frames=4, width=32, depth=1, num_heads=2)
+    m = DynamicsModel(cfg).eval().double()
     ctx, ctx_actions, future = (
         torch.randint(0, 64, (2, 2, 16)),
         torch.randint(0, 4, (2, 1)),
-        torch.randint(0, 4, (2, 6)),
+        torch.randint(0, 4, (2, 7)),  # 2 + 7 frames: past the 4-frame window, the ring wraps around
     )
     cfg = SamplerConfig(steps=3, temperature=temperature, unmask=unmask)
+    sampler, g = MaskGITSampler(m, replace(cfg, compile=True)), torch.Generator().manual_seed(3)
+    sampler.reset(ctx, ctx_actions)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile of the sampler step failed")  # no eager fallback
-        fast = generate(m, ctx, ctx_actions, future, replace(cfg, compile=True), torch.Generator().manual_seed(3))
+        frames = [sampler.next_frame(future[:, 0], g)]  # compiles the step and the commit
+        with torch.compiler.set_stance("fail_on_recompile"):  # later frames and steps reuse the same graphs
+            frames += [sampler.next_frame(future[:, f], g) for f in range(1, future.shape[1])]
+    fast = torch.stack(frames, dim=1)
     ref = generate(m, ctx, ctx_actions, future, replace(cfg, use_cache=False), torch.Generator().manual_seed(3))
     assert torch.equal(fast, ref)
     with pytest.raises(ValueError, match="use_cache"):

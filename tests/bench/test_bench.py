@@ -171,6 +171,7 @@ def test_bench_sample_times_a_world_end_to_end(tmp_path, capsys):
     world = write_tiny_world(tmp_path / "world", steps=3)
     out = tmp_path / "w.json"
     args = ["bench", "sample", "--world", str(world), "--frames", "2", "--batch-size", "3", "--json", str(out)]
+    args += ["--modes", "eager"]  # compiling is tested in tests/models/test_dynamics.py
     assert main(args) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["what"], r["batch"]) for r in rows] == [("world.step", 1), ("world x3", 3), ("dynamics only", 1)]
@@ -194,6 +195,7 @@ def test_bench_sample_builds_an_untrained_world_from_stage_configs(tmp_path, cap
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"model": model}}}))
     out = tmp_path / "w.json"
     args = ["bench", "sample", "--world", str(tmp_path), "--frames", "2", "--steps", "2", "--json", str(out)]
+    args += ["--modes", "eager"]
     assert main([*args, "--batch-size", "2"]) == 0
     rows = json.loads(out.read_text())["results"]
     assert rows[0]["what"] == "world.step" and rows[0]["steps"] == 2 and rows[0]["tokens"] == 16

@@ -204,15 +204,15 @@ def procgen_version() -> str:
         return "unknown"
 
 
-def make_env(env_cls: Any, level: int, env_seed: int, distribution_mode: str) -> Any:
-    """One CoinRun environment on exactly ``level``, seeded with ``env_seed``.
+def make_env(env_cls: Any, level: int, env_seed: int, distribution_mode: str, game: str = "coinrun") -> Any:
+    """One environment of procgen game ``game`` (CoinRun by default) on exactly ``level``, seeded with ``env_seed``.
 
     ``num_threads=0`` steps in this thread: twice as fast for a single env, and no extra threads competing
     with the other prep workers.
     """
     return env_cls(
         num=1,
-        env_name="coinrun",
+        env_name=game,
         start_level=level,
         num_levels=1,
         distribution_mode=distribution_mode,
@@ -231,8 +231,9 @@ def play_episode(
     max_frames: int,
     distribution_mode: str,
     on_step: Any = None,
+    game: str = "coinrun",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Play one CoinRun episode on ``level`` with ``policy``.
+    """Play one episode of ``game`` (CoinRun by default; any procgen game) on ``level`` with ``policy``.
 
     Args:
         on_step: optional ``on_step(env, reward, ended)`` called after the first frame and after every step,
@@ -244,7 +245,7 @@ def play_episode(
         between frame ``t`` and ``t + 1``; ``L <= max_frames``. The action that ends the episode
         has no next frame (gym3 shows the next episode's first frame instead) and is not kept.
     """
-    env = make_env(env_cls, level, env_seed, distribution_mode)
+    env = make_env(env_cls, level, env_seed, distribution_mode, game)
     try:
         _, obs, _ = env.observe()
         frames = [np.array(obs["rgb"][0])]
@@ -408,15 +409,21 @@ def measure_action_classes(
 
 
 def process_episodes(job: Job, writer: PartWriter) -> JobReport:
-    """Play a chunk of episodes and write their clips to ``writer``. Top-level for pickling."""
+    """Play a chunk of episodes and write their clips to ``writer``. Top-level for pickling.
+
+    The payload's ``game`` (CoinRun when absent) picks the procgen game; ``game_key`` (absent for CoinRun) gives
+    that game's episodes their own random stream, so ``genie prep procgen --games coinrun`` writes exactly the
+    clips of ``genie prep coinrun`` and the other games do not replay CoinRun's action sequences.
+    """
     p = job.payload
     env_cls = load_procgen()
     split, clip_frames, size = p["split"], p["clip_frames"], p["size"]
+    game, game_key = p.get("game", "coinrun"), p.get("game_key")
     report = JobReport(job.job_id, ok=True)
     short = env_frames = 0
     policy = Policy(p["policy"], p["sticky"], p["action_weights"] and tuple(p["action_weights"]))
     for episode in range(p["first_episode"], p["end_episode"]):
-        rng = episode_rng(p["seed"], split, episode)
+        rng = episode_rng(p["seed"], split, episode, game_key)
         level = p["start_level"] + int(rng.integers(p["num_levels"]))
         env_seed = int(rng.integers(INT32_MAX))
         frames, actions = play_episode(
@@ -427,6 +434,7 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
             policy=policy,
             max_frames=p["max_episode_frames"],
             distribution_mode=p["distribution_mode"],
+            game=game,
         )
         env_frames += len(frames)
         if len(frames) < clip_frames:
@@ -434,7 +442,17 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
             continue
         if size != NATIVE_SIZE:
             frames = np.stack([resize_center_crop(f, size) for f in frames])
-        video_id = f"coinrun-{split}-s{p['seed']}-e{episode:06d}"
+        video_id = f"{game}-{split}-s{p['seed']}-e{episode:06d}"
+        extra = {
+            "episode": episode,
+            "env_seed": env_seed,
+            "level": level,
+            "episode_frames": len(frames),
+            "distribution_mode": p["distribution_mode"],
+            "policy": policy.name,
+        }
+        if game != "coinrun":
+            extra["game"] = game
         write_episode_clips(
             writer,
             report,
@@ -443,16 +461,9 @@ def process_episodes(job: Job, writer: PartWriter) -> JobReport:
             clip_frames,
             video_id=video_id,
             fps=FPS,
-            source=f"coinrun:{split}",
+            source=f"{game}:{split}",
             encoding=p,
-            extra={
-                "episode": episode,
-                "env_seed": env_seed,
-                "level": level,
-                "episode_frames": len(frames),
-                "distribution_mode": p["distribution_mode"],
-                "policy": policy.name,
-            },
+            extra=extra,
         )
     episodes = p["end_episode"] - p["first_episode"]
     report.info.update(episodes=episodes, short_episodes=short, env_frames=env_frames)
@@ -537,6 +548,27 @@ def check_args(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> dict:
     val_episodes = check_args(args)
     load_procgen()  # fail with one clear line before any work when procgen is missing
+    results = prep_game(args, "coinrun", args.out, val_episodes)
+    for split, summary in results.items():
+        print(f"{split} shards: {args.out / split}/{split}-*.tar ({len(summary['shards'])} shards)")
+    return results
+
+
+def prep_game(
+    args: argparse.Namespace, game: str, out: Path, val_episodes: int, game_key: int | None = None
+) -> dict[str, Any]:
+    """Both splits of one procgen game into ``out/train`` and ``out/val`` (each a resumable prep run).
+
+    Args:
+        args: the parsed options of ``genie prep coinrun`` / ``genie prep procgen`` (checked).
+        game: procgen game name.
+        out: the game's output folder.
+        val_episodes: validation episodes (0: no validation split).
+        game_key: the game's own episode stream (None: CoinRun's, see :func:`process_episodes`).
+
+    Returns:
+        split -> the prep run's summary.
+    """
     common = {
         "seed": args.seed,
         "clip_frames": args.clip_frames,
@@ -547,6 +579,8 @@ def run(args: argparse.Namespace) -> dict:
         "gop": args.gop,
         "distribution_mode": args.distribution_mode,
     }
+    if game != "coinrun":  # CoinRun's settings stay those of `genie prep coinrun`: its folders are interchangeable
+        common.update(game=game, game_key=game_key)
     splits = {
         "train": (args.episodes, 0, args.levels, Policy.make(args.policy, args.sticky)),
         "val": (val_episodes, args.val_start_level, args.val_levels, Policy.make(args.val_policy, args.sticky)),
@@ -555,7 +589,7 @@ def run(args: argparse.Namespace) -> dict:
     for split, (episodes, start_level, num_levels, policy) in splits.items():
         if episodes == 0:
             continue
-        out_dir = args.out / split
+        out_dir = out / split
         levels = {"start_level": start_level, "num_levels": num_levels}
         own = {**common, **policy.settings()}  # the policy is part of the settings: a cache of another is refused
         jobs = episode_jobs(split, episodes, args.episodes_per_job, {**own, **levels})
@@ -564,7 +598,7 @@ def run(args: argparse.Namespace) -> dict:
             jobs=jobs,
             fn=process_episodes,
             settings={
-                "source": "coinrun",
+                "source": game,
                 "split": split,
                 "episodes": episodes,
                 "episodes_per_job": args.episodes_per_job,
@@ -576,7 +610,7 @@ def run(args: argparse.Namespace) -> dict:
             shuffle_seed=args.seed,
             workers=args.workers,
             prefix=split,
-            desc=f"coinrun {split}",
+            desc=f"{game} {split}",
             overwrite=args.overwrite,
             fail_fast=True,  # a generated source has no bad inputs: a failing job is a bug to surface
             extra_summary={
@@ -591,12 +625,10 @@ def run(args: argparse.Namespace) -> dict:
         summary["episodes_with_clips"] = kept
         summary["clips_per_s"] = round(summary["clips"] / max(summary["seconds"], 1e-9), 1)
         print(
-            f"  {split}: {episodes} episodes ({policy.name} policy) on levels "
+            f"  {game} {split}: {episodes} episodes ({policy.name} policy) on levels "
             f"[{start_level}, {start_level + num_levels}), "
             f"{episodes - kept} dropped as shorter than one clip ({args.clip_frames} frames); "
             f"{summary['clips_per_s']:.1f} clips/s"
         )
         results[split] = summary
-    for split, summary in results.items():
-        print(f"{split} shards: {args.out / split}/{split}-*.tar ({len(summary['shards'])} shards)")
     return results

@@ -520,9 +520,13 @@ SPLIT_KEYS = {"train": 0, "val": 1}
 SHUFFLE_STREAM = 2
 
 
-def episode_rng(seed: int, split: str, episode: int) -> np.random.Generator:
-    """The one RNG that decides everything random about one episode of a split."""
-    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(SPLIT_KEYS[split], episode)))
+def episode_rng(seed: int, split: str, episode: int, stream: int | None = None) -> np.random.Generator:
+    """The one RNG that decides everything random about one episode of a split.
+
+    ``stream`` keeps sources that share a seed apart (e.g. each procgen game but CoinRun has its own).
+    """
+    key = (SPLIT_KEYS[split], episode) if stream is None else (SPLIT_KEYS[split], episode, stream)
+    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=key))
 
 
 def episode_jobs(split: str, episodes: int, per_job: int, payload: dict[str, Any]) -> list[Job]:

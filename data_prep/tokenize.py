@@ -101,12 +101,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "stage reads without running either model. One output shard per input shard; reruns skip finished ones."
     )
     add = parser.add_argument
-    add("--data", required=True, help="input video shards: folder, brace pattern or list")
+    add(
+        "--data",
+        required=True,
+        nargs="+",
+        help="input video shards: folder, brace pattern or list; several folders (e.g. one per game) are tokenized "
+        "in one process, each into OUT/<its path below their common parent>",
+    )
     add("--out", type=Path, required=True, help="output folder for the token shards")
     add("--tokenizer", type=Path, required=True, help="exported tokenizer folder")
     add("--lam", type=Path, required=True, help="exported LAM folder")
     add("--batch-size", type=int, default=16, help="clips per forward pass (default 16)")
     add("--device", default="auto", help="auto, cpu, cuda ...")
+
+
+def output_folders(inputs: list[str], out: Path) -> list[tuple[str, Path]]:
+    """Where each input's token shards go: ``out`` for one input; for several folders, ``out`` / the folder's
+    path below their common parent (``data/pg/a/train``, ``data/pg/b/train`` -> ``out/a/train``, ``out/b/train``:
+    shard names repeat across folders, so they cannot share one)."""
+    if len(inputs) == 1:
+        return [(inputs[0], out)]
+    folders = [Path(d) for d in inputs]
+    not_dirs = [str(d) for d in folders if not d.is_dir()]
+    if not_dirs:
+        raise PrepError(f"with several --data inputs each must be a folder; not folders: {', '.join(not_dirs)}")
+    common = Path(os.path.commonpath([d.resolve() for d in folders]))
+    return [(str(d), out / d.resolve().relative_to(common)) for d in folders]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,30 +138,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise PrepError(f"{what} {folder} is not an exported model folder (no config.json)")
     if args.batch_size < 1:
         raise PrepError("--batch-size must be >= 1")
-    urls = expand_shards(args.data)
+    jobs = [(expand_shards(data), out) for data, out in output_folders(list(args.data), args.out)]
     device = pick_device(args.device)
     encoders = FrozenEncoders(args.tokenizer, args.lam).load(device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    results = [tokenize_folder(urls, out, encoders, args.batch_size, device) for urls, out in jobs]
+    return results[0] if len(results) == 1 else {"folders": results}
+
+
+def tokenize_folder(urls: list[str], out: Path, encoders: Any, batch_size: int, device: torch.device) -> dict:
+    """Tokenize the shards ``urls`` into ``out`` (finished shards are skipped); write and print the summary."""
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     totals = {"shards": len(urls), "shards_done_before": 0, "clips": 0, "skipped": 0, "skip_reasons": {}}
     todo = []
     for url in urls:
-        dst = args.out / Path(url).name
+        dst = out / Path(url).name
         if dst.exists():
             totals["shards_done_before"] += 1
         else:
             todo.append((url, dst))
     with tqdm(desc="tokenize", unit="clip") as bar:
         for url, dst in todo:
-            res = tokenize_shard(url, dst, encoders, args.batch_size, device, bar)
+            res = tokenize_shard(url, dst, encoders, batch_size, device, bar)
             totals["clips"] += res["clips"]
             totals["skipped"] += len(res["skipped"])
             totals["skip_reasons"].update(res["skipped"])
     totals["seconds"] = round(time.time() - t0, 2)
     totals["clips_per_s"] = round(totals["clips"] / max(totals["seconds"], 1e-9), 1)
-    (args.out / "summary.json").write_text(json.dumps(totals, indent=1))
+    (out / "summary.json").write_text(json.dumps(totals, indent=1))
     print(
-        f"{args.out}: {totals['clips']} clips tokenized in {totals['seconds']}s ({totals['clips_per_s']} clips/s), "
+        f"{out}: {totals['clips']} clips tokenized in {totals['seconds']}s ({totals['clips_per_s']} clips/s), "
         f"{totals['skipped']} skipped, {totals['shards_done_before']} shard(s) already done"
     )
     for key, reason in list(totals["skip_reasons"].items())[:10]:

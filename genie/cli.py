@@ -16,6 +16,7 @@ from genie.runtime import flush_denormals, keep_freed_memory, quiet_third_party,
 COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("prep", "videos"): ("data_prep.videos", "a folder of video files -> clip shards"),
     ("prep", "coinrun"): ("data_prep.coinrun", "Procgen CoinRun episodes (random policy) -> shards with actions"),
+    ("prep", "procgen"): ("data_prep.procgen", "any of the 16 Procgen games (random policy) -> shards with actions"),
     ("prep", "sprites"): ("data_prep.sprites", "synthetic controllable sprite videos with known actions"),
     ("prep", "inspect"): ("data_prep.inspect", "describe a shard folder and write a contact sheet PNG"),
     ("prep", "robot"): ("data_prep.robot", "simulated robot-arm episodes (Meta-World experts) -> shards with actions"),
@@ -43,6 +44,7 @@ SINGLE: dict[str, tuple[str, str]] = {
     "rollout": ("genie.rollout", "drive a world with actions from a prompt and write an mp4 or gif"),
     "play": ("genie.play.server", "play a world in the browser: keys pick latent actions (serves 127.0.0.1)"),
     "speedrun": ("genie.speedrun", "a CoinRun world within a time budget: data, 3 stages by wall clock, eval report"),
+    "transfer": ("genie.transfer", "does pretraining pay? fine-tune a world and train from scratch, compare on robot"),
     "demo": ("genie.demo", "the whole idea on a CPU in minutes: sprites -> 3 stages -> world -> ΔtPSNR + GIFs"),
 }
 
@@ -56,6 +58,8 @@ USER_ERRORS = {
     "FileNotFoundError",
     "ValueError",
     "DemoError",
+    "TransferError",
+    "FileExistsError",
     "SpeedrunError",
     "DamagedFileError",  # a truncated or overwritten model.safetensors / checkpoint (genie.models.hub)
 }

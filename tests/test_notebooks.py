@@ -56,3 +56,4 @@ def test_robot_finetune_notebook_runs_on_a_tiny_world(tiny_world: Path, robot_sh
     assert "adapter: 4 -> one of 5 latent actions" in text and "fine-tuned: rollout PSNR" in text
     assert "latent actions the adapter picked:" in text
     assert (tmp_path / "ft" / "export" / "adapter" / "model.safetensors").is_file()
+    assert "steps to" in text and (tmp_path / "transfer" / "transfer.json").is_file()  # genie transfer's table

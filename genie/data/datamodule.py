@@ -9,15 +9,21 @@ The data module is also where a run's data position lives: it notes the position
 carries (``on_after_batch_transfer``), saves every rank's positions with the checkpoint (``state_dict``, a
 collective under DDP/FSDP) and hands them back to the streams of a resumed run, which then yield exactly
 the batches the uninterrupted run would have (see :mod:`genie.data.loader`).
+
+``train_shards`` may be a weighted mixture ``{spec: weight}`` of shard sets (YAML mapping under
+``data.train_shards``, or ``--data.train_shards='{data/a: 1, data/b: 3}'``): :meth:`VideoDataModule.check`
+probes every source and refuses token shards mixed with video shards or clips of different sizes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from genie.data.contract import ACTIONS_MEMBER, LATENT_ACTIONS_MEMBER, TOKENS_MEMBER, WHOLE_VIDEO, ClipMeta
@@ -25,9 +31,12 @@ from genie.data.loader import (
     ClipStream,
     DataError,
     ShardSchedule,
+    ShardSpec,
     StreamState,
     expand_shards,
     first_members,
+    mixture_weights,
+    parse_mixture,
     probe_meta,
     stride_message,
 )
@@ -37,6 +46,33 @@ log = logging.getLogger(__name__)
 
 # the layout of the saved data position (bumped when it changes; an unknown one is not resumed from)
 STATE_VERSION = 1
+
+
+def _as_mapping(spec: Any, field: str) -> Any:
+    """A str that is a YAML mapping (``'{data/a: 1, data/b: x}'``: jsonargparse passes a dict its types refuse
+    on as a str) as that mapping, so its weights get a one-line error; any other spec as it is.
+
+    Raises:
+        DataError: a str that looks like a mapping (``{...: ...}``) but is not valid YAML.
+    """
+    if isinstance(spec, str) and spec.startswith("{") and spec.endswith("}") and ": " in spec:
+        try:
+            loaded = yaml.safe_load(spec)
+        except yaml.YAMLError:
+            raise DataError(
+                f"{field}={spec} looks like a {{spec: weight}} mapping but is not valid YAML: quote specs holding "
+                """* [ ] , { } (e.g. '{"data/*/train": 1, data/b: 3}')"""
+            ) from None
+        if isinstance(loaded, dict):
+            return loaded
+    return spec
+
+
+def _go_on_block(furthest: int, shards: int, seed: int, interleave: int, saved: int, consumers: int) -> int:
+    """The first block of a ``consumers``-consumer schedule past block ``furthest`` of a ``saved``-consumer one."""
+    reached = (furthest + 1) * ShardSchedule(shards, seed, saved, interleave).width * saved
+    per_block = ShardSchedule(shards, seed, consumers, interleave).width * consumers
+    return -(-reached // per_block)
 
 
 def _loader(ds: ClipStream, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -53,9 +89,16 @@ def _loader(ds: ClipStream, num_workers: int, pin_memory: bool) -> DataLoader:
 class VideoDataModule(L.LightningDataModule):
     """Training and validation clips from webdataset shards.
 
+    Training may mix several shard sets by weight (``train_shards={spec: weight}``); each source keeps its own
+    shard order and shuffle, and a mixture's position (output slot, then each source's block and samples used)
+    is saved with checkpoints and resumed exactly, like a single source's (see :mod:`genie.data.loader`).
+
     Args:
-        train_shards: folder, brace pattern, ``pipe:`` URL or list of them (training split).
-        val_shards: the same for validation; None disables validation.
+        train_shards: folder, brace or glob pattern, ``pipe:`` URL or list of them (training split, one source);
+            or a mixture ``{spec: weight}``: each source gives about ``weight / sum(weights)`` of the training
+            samples (weight 0: not read). Sources must hold the same kind (video or tokens) and clip size.
+        val_shards: the same for validation (a mapping: the union of its keys, weights ignored); None disables
+            validation.
         num_frames: frames per training window (T).
         frame_stride: keep every n-th frame of a clip.
         batch_size: clips per batch, per process.
@@ -70,7 +113,7 @@ class VideoDataModule(L.LightningDataModule):
             of another size are skipped (see ``resize``); whole videos are resized to it.
         resize: resize and center-crop our own clips of another size instead of skipping them.
         shuffle_bytes: cap on the bytes of encoded samples each worker's shuffle buffer holds
-            (matters for whole videos, MBs each; our clips are a few KB).
+            (matters for whole videos, MBs each; our clips are a few KB); a mixture's sources share it.
         pin_memory: pin batches for faster host-to-GPU copies (only where there is a GPU to copy to).
         interleave: shards each training worker reads at once, alternating samples between them (a batch
             then draws clips from several shards and many videos).
@@ -81,8 +124,8 @@ class VideoDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_shards: str | list[str],
-        val_shards: str | list[str] | None = None,
+        train_shards: str | list[str] | dict[str, float],
+        val_shards: str | list[str] | dict[str, float] | None = None,
         num_frames: int = 16,
         frame_stride: int = 1,
         batch_size: int = 8,
@@ -103,7 +146,8 @@ class VideoDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.train_shards, self.val_shards = train_shards, val_shards
+        self.train_shards: ShardSpec = _as_mapping(train_shards, "data.train_shards")
+        self.val_shards: ShardSpec | None = _as_mapping(val_shards, "data.val_shards")
         self.num_frames, self.frame_stride = num_frames, frame_stride
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -123,21 +167,55 @@ class VideoDataModule(L.LightningDataModule):
         self._loaded_state: dict[str, Any] | None = None  # a checkpoint's, until the train loader is made
 
     def check(self, resolution: int | None = None) -> ClipMeta:
-        """Fail fast, before any training, on missing shards or clips of the wrong size.
+        """Fail fast, before any training, on missing shards, clips of the wrong size or mismatched sources.
 
-        Returns the first training clip's metadata.
+        Returns the first training clip's metadata (of the first source of a mixture).
         """
         resolution = resolution if resolution is not None else self.resolution
-        expand_shards(self.train_shards)
         if self.val_shards is not None:
             expand_shards(self.val_shards)
-        meta = probe_meta(self.train_shards)
+        if not isinstance(self.train_shards, Mapping):
+            expand_shards(self.train_shards)
+            return self._check_source(self.train_shards, resolution)
+        specs = [src.spec for src in parse_mixture(self.train_shards)]
+        self._check_mixture(specs)
+        return [self._check_source(spec, resolution) for spec in specs][0]
+
+    def _check_mixture(self, specs: list[str]) -> None:
+        """Refuse sources that cannot share batches: tokens with video, or our clips of different sizes."""
+        probed = [
+            (spec, "tokens" if TOKENS_MEMBER in first_members(spec) else "video", probe_meta(spec)) for spec in specs
+        ]
+        spec0, kind0, _ = probed[0]
+        for spec, kind, _ in probed[1:]:
+            if kind != kind0:
+                raise DataError(
+                    f"data.train_shards mixes {kind0} shards ({spec0}) with {kind} shards ({spec}): a batch holds one "
+                    "kind; tokenize every source (`genie prep tokenize`) or mix only video shards"
+                )
+        # whole videos are resized while loading (and so are our video clips with data.resize): no size to agree on
+        fixed = [
+            (spec, m)
+            for spec, kind, m in probed
+            if not m.extra.get(WHOLE_VIDEO) and not (self.resize and kind == "video")
+        ]
+        for spec, meta in fixed[1:]:
+            first, m0 = fixed[0]
+            if (meta.width, meta.height) != (m0.width, m0.height):
+                raise DataError(
+                    f"data.train_shards mixes {m0.width}x{m0.height} clips ({first}) with {meta.width}x{meta.height} "
+                    f"clips ({spec}): prep every source at one --size (video shards: or set data.resize=true)"
+                )
+
+    def _check_source(self, shards: ShardSpec, resolution: int | None) -> ClipMeta:
+        """The checks of one source (the whole of ``train_shards`` unless it is a mixture)."""
+        meta = probe_meta(shards)
         whole = bool(meta.extra.get(WHOLE_VIDEO))
         if whole or self.resize:
             # resized while loading, to data.resolution: that must be set, and be the model's
             if self.resolution is None:
                 what = "hold whole videos (e.g. video2dataset's) that are" if whole else "are"
-                raise DataError(f"shards {self.train_shards} {what} resized while loading: set data.resolution")
+                raise DataError(f"shards {shards} {what} resized while loading: set data.resolution")
             if resolution is not None and resolution != self.resolution:
                 raise DataError(
                     f"data.resolution={self.resolution} but the model expects {resolution}x{resolution}: "
@@ -147,29 +225,38 @@ class VideoDataModule(L.LightningDataModule):
                 return meta
         elif resolution is not None and (meta.height, meta.width) != (resolution, resolution):
             raise DataError(
-                f"shards {self.train_shards} hold {meta.width}x{meta.height} clips but the model expects "
+                f"shards {shards} hold {meta.width}x{meta.height} clips but the model expects "
                 f"{resolution}x{resolution}: re-run `genie prep ... --size {resolution}` or change the model size"
             )
-        self.check_stride()
+        self.check_stride(shards)
         need = (self.num_frames - 1) * self.frame_stride + 1
         if meta.frames < need:
             raise DataError(
-                f"clips in {self.train_shards} have {meta.frames} frames; num_frames={self.num_frames} at "
+                f"clips in {shards} have {meta.frames} frames; num_frames={self.num_frames} at "
                 f"frame_stride={self.frame_stride} needs {need}: lower them or prep longer clips"
             )
         return meta
 
-    def check_stride(self) -> None:
-        """Refuse, before training, a frame stride that the shards' actions cannot follow (one line)."""
+    def check_stride(self, shards: ShardSpec | None = None) -> None:
+        """Refuse, before training, a frame stride that the shards' actions cannot follow (one line).
+
+        Args:
+            shards: the source to check (default: every training source).
+        """
         if self.frame_stride == 1:
             return
-        members = first_members(self.train_shards)
+        if shards is None:
+            sources = self.train_shards
+            for spec in [s for _, s, _ in mixture_weights(sources)] if isinstance(sources, Mapping) else [sources]:
+                self.check_stride(spec)
+            return
+        members = first_members(shards)
         if TOKENS_MEMBER in members:
-            raise DataError(f"shards {self.train_shards}: {stride_message(self.frame_stride, LATENT_ACTIONS_MEMBER)}")
+            raise DataError(f"shards {shards}: {stride_message(self.frame_stride, LATENT_ACTIONS_MEMBER)}")
         if self.require_actions and ACTIONS_MEMBER in members:
-            raise DataError(f"shards {self.train_shards}: {stride_message(self.frame_stride, ACTIONS_MEMBER)}")
+            raise DataError(f"shards {shards}: {stride_message(self.frame_stride, ACTIONS_MEMBER)}")
 
-    def _stream(self, shards: str | list[str], train: bool, resume: StreamState | None = None) -> ClipStream:
+    def _stream(self, shards: ShardSpec, train: bool, resume: StreamState | None = None) -> ClipStream:
         return ClipStream(
             shards,
             num_frames=self.num_frames,
@@ -194,9 +281,8 @@ class VideoDataModule(L.LightningDataModule):
         if self._loaded_state is not None:
             self._stream_state = self._resume_state(self._loaded_state)
             self._loaded_state = None
-        state = StreamState(
-            self._stream_state.consumed, dict(self._stream_state.positions), self._stream_state.start_block
-        )
+        mine = self._stream_state
+        state = StreamState(mine.consumed, dict(mine.positions), mine.start_block, tuple(mine.source_start))
         return _loader(self._stream(self.train_shards, True, state), self.num_workers, self._pin())
 
     def val_dataloader(self) -> DataLoader | list:
@@ -214,8 +300,8 @@ class VideoDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if trainer is not None and trainer.training and isinstance(batch, dict) and "position" in batch:
-            block, used = (int(x) for x in batch["position"])
-            self._stream_state.positions[int(batch["stream"])] = (block, used)
+            # (block, used), or a mixture's (slot, block_0, used_0, ...)
+            self._stream_state.positions[int(batch["stream"])] = tuple(int(x) for x in batch["position"])
             self._stream_state.consumed += 1
         return batch
 
@@ -226,16 +312,27 @@ class VideoDataModule(L.LightningDataModule):
             "positions": {str(k): list(v) for k, v in sorted(self._stream_state.positions.items())},
             "start_block": self._stream_state.start_block,
         }
+        if self._stream_state.source_start:
+            mine["source_start"] = list(self._stream_state.source_start)
         ranks = [mine]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             ranks = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(ranks, mine)
-        return {
+        state = {
             "version": STATE_VERSION,
             "num_workers": max(1, self.num_workers),
             "world_size": len(ranks),
             "ranks": ranks,
         }
+        if isinstance(self.train_shards, Mapping):  # whose blocks a mixture's positions count
+            state["sources"] = self._source_specs()
+        return state
+
+    def _source_specs(self) -> list[str] | None:
+        """The specs of a mixture's read sources, in position order (None: one source)."""
+        if not isinstance(self.train_shards, Mapping):
+            return None
+        return [spec for _, spec, _ in mixture_weights(self.train_shards)]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # resolved when the train loader is made: only then are this run's rank and workers certain
@@ -245,8 +342,9 @@ class VideoDataModule(L.LightningDataModule):
         """This rank's streams from a checkpoint's data position.
 
         Exact when the run has the ranks and workers it was saved with. Otherwise every stream starts at a
-        block past the furthest one any saved stream reached, so the run goes on into new data (not exactly,
-        but without reading its first blocks again).
+        block past the furthest one any saved stream reached (for a mixture: each source past its own furthest
+        block), so the run goes on into new data (not exactly, but without reading its first blocks again). A
+        position saved for other mixture sources (or one source against a mixture) is not resumed from.
         """
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -255,26 +353,45 @@ class VideoDataModule(L.LightningDataModule):
         if saved.get("version") != STATE_VERSION or not ranks:
             log.warning("the checkpoint holds no data position genie can read: the data stream starts afresh")
             return StreamState()
+        specs = self._source_specs()
+        if saved.get("sources") != specs:
+            log.warning(
+                "the checkpoint's data position is for other data.train_shards sources (%s, now %s): the data "
+                "stream starts afresh",
+                saved.get("sources") or "one source",
+                specs or "one source",
+            )
+            return StreamState()
         if saved.get("world_size") == world and saved.get("num_workers") == workers:
             mine = ranks[rank]
-            positions = {int(k): (int(v[0]), int(v[1])) for k, v in mine["positions"].items()}
-            return StreamState(int(mine["consumed"]), positions, int(mine.get("start_block", 0)))
+            positions = {int(k): tuple(int(x) for x in v) for k, v in mine["positions"].items()}
+            start = tuple(int(b) for b in mine.get("source_start", ()))
+            return StreamState(int(mine["consumed"]), positions, int(mine.get("start_block", 0)), start)
         # where the furthest saved stream got to in the shard sequence, and the block of the new layout there
-        furthest = max((int(v[0]) for r in ranks for v in r["positions"].values()), default=-1)
-        shards = len(expand_shards(self.train_shards))
         saved_consumers = int(saved.get("world_size") or 1) * int(saved.get("num_workers") or 1)
-        reached = (furthest + 1) * ShardSchedule(shards, self.seed, saved_consumers, self.interleave).width
-        reached *= saved_consumers
-        per_block = ShardSchedule(shards, self.seed, world * workers, self.interleave).width * world * workers
-        start = -(-reached // per_block)
+        positions = [v for r in ranks for v in r["positions"].values()]
+        if specs is None:
+            furthest = max((int(v[0]) for v in positions), default=-1)
+            shards = len(expand_shards(self.train_shards))
+            starts = [_go_on_block(furthest, shards, self.seed, self.interleave, saved_consumers, world * workers)]
+        else:  # a mixture: each source past its own furthest block
+            starts = []
+            for k, spec in enumerate(specs):
+                furthest = max((int(v[1 + 2 * k]) for v in positions if len(v) == 1 + 2 * len(specs)), default=-1)
+                shards = len(expand_shards(spec))
+                starts.append(
+                    _go_on_block(furthest, shards, self.seed, self.interleave, saved_consumers, world * workers)
+                )
         if self.trainer is None or self.trainer.is_global_zero:
             log.warning(
-                "resumed with %d rank(s) x %d worker(s), saved with %d x %d: the data stream goes on from block %d "
+                "resumed with %d rank(s) x %d worker(s), saved with %d x %d: the data stream goes on from block %s "
                 "(not batch-exact; keep ranks and data.num_workers to resume exactly)",
                 world,
                 workers,
                 saved.get("world_size"),
                 saved.get("num_workers"),
-                start,
+                starts[0] if specs is None else starts,
             )
-        return StreamState(start_block=start)
+        if specs is None:
+            return StreamState(start_block=starts[0])
+        return StreamState(source_start=tuple(starts))

@@ -26,6 +26,19 @@ DataLoader workers hand out batches in turn (batch ``i`` from worker ``i mod wor
 batches worker ``w`` resumes the *logical stream* ``(w + N) mod workers``: the batch order is the
 uninterrupted run's.
 
+**Mixing sources.** ``shards`` may be a mapping ``{spec: weight}``: several shard sets (a game, a robot, ...)
+in one training stream, each giving about ``weight / sum(weights)`` of the samples (clip windows). Each
+source is a stream of its own as above, with its own :class:`ShardSchedule`, blocks, interleave and shuffle
+buffer, every draw seeded with the source's index as well (sources draw independently; a source's draws
+do not change when another's weight does), and the sources share the ``shuffle_bytes`` budget. Output
+sample ``j`` of a consumer comes from the source drawn for slot ``j`` (chunks of 1024 draws seeded by
+``(seed, consumer, chunk)``); that source's stream gives its next clip and goes on to its next block
+when one ends. A mixed stream's position is ``(slot, block and samples used of each source)``, flattened
+into ``[slot, block_0, used_0, block_1, used_1, ...]``; resuming re-reads each source's current block.
+Batches of a mixed stream also carry ``sources`` (int64 ``[B]``, each clip's index among the mapping's
+keys) and ``source_counts`` (the worker's cumulative clips per source, see :func:`source_shares`). A str
+or list is one source read exactly as before (position ``[block, used]``).
+
 **Validation** reads a fixed set of clips once, split by rank and worker, with a deterministic window
 per clip, identical on every run. Corrupt samples are skipped, counted and logged, never raised.
 
@@ -55,10 +68,13 @@ one-line error; otherwise the actions are left out of the batch (with a warning)
 
 from __future__ import annotations
 
+import glob
 import logging
+import math
+import numbers
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +111,13 @@ class DataError(ValueError):
 
 # The seed-sequence word that keeps the shard permutations apart from other draws of the same seed.
 _SHARD_ORDER = 0x5A4D
+# The seed-sequence word of a mixture's draws (which source fills each slot; each source's own draws).
+_MIX_WORD = 0x4D49
+# Slots whose sources one seeded draw decides at once.
+_MIX_CHUNK = 1024
+
+# A shard spec: a folder, pattern, URL or `::` list; a list of them (one source); or {spec: weight} (a mixture).
+ShardSpec = str | Sequence[str] | Mapping[str, float]
 
 
 def _seed_word(seed: int) -> int:
@@ -119,12 +142,14 @@ class ShardSchedule:
         consumers: ranks x DataLoader workers.
         interleave: shards a block reads at once (fewer when there are too few shards to give every
             consumer distinct ones).
+        salt: extra seed words (a mixture's source index), so schedules of one seed differ.
     """
 
-    def __init__(self, num_shards: int, seed: int, consumers: int, interleave: int = 4):
+    def __init__(self, num_shards: int, seed: int, consumers: int, interleave: int = 4, salt: Sequence[int] = ()):
         if num_shards < 1 or consumers < 1:
             raise ValueError("a shard schedule needs at least one shard and one consumer")
         self.num_shards, self.seed, self.consumers = num_shards, seed, consumers
+        self.salt = tuple(salt)
         self.width = max(1, min(interleave, num_shards // consumers))
         self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation (the few in use)
 
@@ -135,7 +160,7 @@ class ShardSchedule:
         if perm is None:
             if len(self._perms) > 4:
                 self._perms.clear()
-            rng = np.random.default_rng([_seed_word(self.seed), _SHARD_ORDER, epoch])
+            rng = np.random.default_rng([_seed_word(self.seed), _SHARD_ORDER, *self.salt, epoch])
             perm = self._perms[epoch] = rng.permutation(self.num_shards)
         return int(perm[i])
 
@@ -151,15 +176,89 @@ class StreamState:
 
     Attributes:
         consumed: training batches this rank has taken from its DataLoader so far.
-        positions: logical stream (0 .. workers - 1) -> ``(block, samples of the block used)`` after the
-            last batch taken from it.
+        positions: logical stream (0 .. workers - 1) -> its position after the last batch taken from it:
+            ``(block, samples of the block used)``, or for a mixture of ``n`` sources ``(slot, block_0, used_0,
+            ..., block_n-1, used_n-1)`` (slot: samples the stream has given; sources in mapping order, weight 0
+            left out).
         start_block: streams without a position start at this block (a run resumed with another number of
             ranks or workers goes on past the data it already saw instead of starting over).
+        source_start: the same per source of a mixture (empty: every source starts at ``start_block``).
     """
 
     consumed: int = 0
-    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    positions: dict[int, tuple[int, ...]] = field(default_factory=dict)
     start_block: int = 0
+    source_start: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Source:
+    """One shard set of a training mixture.
+
+    Attributes:
+        index: its place among the mapping's keys (as written, weight-0 sources counted): ``batch["sources"]``.
+        spec: the shard spec (the mapping's key).
+        weight: its weight, normalised: the expected share of the samples.
+        urls: its shards.
+    """
+
+    index: int
+    spec: str
+    weight: float
+    urls: tuple[str, ...]
+
+
+def mixture_weights(
+    shards: Mapping[str, Any], field: str = "data.train_shards", warn: bool = False
+) -> list[tuple[int, str, float]]:
+    """``(index, spec, normalised weight)`` of a mixture's sources with a positive weight (nothing is read).
+
+    ``warn``: log one warning per weight-0 source (the training stream does, once per run).
+
+    Raises:
+        DataError: an empty mapping, a key that is not a spec, a weight that is not a number or is negative,
+            weights summing to zero (one line naming ``field``).
+    """
+    if not shards:
+        raise DataError(f"{field} is an empty mapping: give {{shard spec: weight}}, e.g. {{data/a/train: 1.0}}")
+    checked = []
+    for i, (spec, weight) in enumerate(shards.items()):
+        if not isinstance(spec, str) or not spec:
+            raise DataError(f"{field}: key {spec!r} is not a shard spec: keys are folders, patterns or URLs")
+        number = isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+        if not number or not math.isfinite(float(weight)):
+            raise DataError(
+                f"{field}: the weight of {spec!r} is {weight!r}, not a finite number: give e.g. {{{spec}: 1.0}}"
+            )
+        if weight < 0:
+            raise DataError(
+                f"{field}: the weight of {spec!r} is {weight}: weights are shares of samples, use 0 or more"
+            )
+        checked.append((i, spec, float(weight)))
+    total = sum(w for _, _, w in checked)
+    if total <= 0:
+        raise DataError(f"{field}: the weights sum to {total:g}: give at least one source a positive weight")
+    for _, spec, w in checked:
+        if w == 0 and warn:
+            log.warning("%s: source %s has weight 0 and is not read", field, spec)
+    return [(i, spec, w / total) for i, spec, w in checked if w > 0]
+
+
+def parse_mixture(shards: Mapping[str, Any], field: str = "data.train_shards", warn: bool = False) -> list[Source]:
+    """The sources of a mixture ``{spec: weight}`` with a positive weight, their shards expanded.
+
+    Raises:
+        DataError: bad weights (see :func:`mixture_weights`) or a source that expands to no shards (one line
+            naming ``field`` and the source).
+    """
+    sources = []
+    for i, spec, weight in mixture_weights(shards, field, warn):
+        try:
+            urls = expand_shards(spec)
+        except DataError as e:
+            raise DataError(f"{field} source {spec!r}: {e}") from None
+        sources.append(Source(i, spec, weight, tuple(urls)))
+    return sources
 
 
 class StrideError(DataError):
@@ -170,14 +269,27 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url and not url.startswith("file://")
 
 
-def expand_shards(spec: str | Sequence[str], check_exists: bool = True) -> list[str]:
+def _globbed(url: str) -> list[str]:
+    """A local glob pattern (``*``, ``?``, ``[``) expanded, sorted; anything else as it is."""
+    local = url[len("file://") :] if url.startswith("file://") else url
+    if _is_remote(url) or not any(c in local for c in "*?["):
+        return [url]
+    found = sorted(glob.glob(local))
+    if not found:
+        raise DataError(f"no files or folders match the pattern {local}; check the data path in your config")
+    return found
+
+
+def expand_shards(spec: ShardSpec, check_exists: bool = True) -> list[str]:
     """Turn a shard spec into a list of shard URLs.
 
     Accepts a folder (every ``*.tar`` beneath it, sorted, hidden folders such as an unfinished prep
     run's ``.parts/`` skipped; so parts written by a ``genie prep videos --parts`` job array are read
     together), a brace pattern
-    (``data/shard-{000000..000009}.tar``), ``::``-separated lists, ``pipe:`` commands and other
-    URLs (``s3://``, ``https://``, opened through webdataset), or a list of any of these.
+    (``data/shard-{000000..000009}.tar``), a local glob pattern (``data/procgen/*/train``: the sorted
+    matches, folders expanded as above), ``::``-separated lists, ``pipe:`` commands and other
+    URLs (``s3://``, ``https://``, opened through webdataset), or a list of any of these. A mapping
+    ``{spec: weight}`` gives the union of its keys (weights are for training mixtures, see :class:`ClipStream`).
 
     Raises:
         DataError: nothing matched, or a local path does not exist.
@@ -187,7 +299,7 @@ def expand_shards(spec: str | Sequence[str], check_exists: bool = True) -> list[
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for s in specs:
-        for url in expand_urls(str(s)):
+        for url in (g for u in expand_urls(str(s)) for g in _globbed(u)):
             local = url[len("file://") :] if url.startswith("file://") else url
             if not _is_remote(url) and Path(local).is_dir():
                 found = _tars_under(Path(local))
@@ -259,7 +371,9 @@ class ClipStream(IterableDataset):
     """An iterable of batches of clip windows read from webdataset shards.
 
     Args:
-        shards: shard spec or list of URLs (see :func:`expand_shards`).
+        shards: shard spec or list of URLs (see :func:`expand_shards`): one source. Or, for training, a mapping
+            ``{spec: weight}``: a mixture whose sources give about ``weight / sum(weights)`` of the samples each
+            (weight 0: not read); validation reads the union of its keys (weights ignored).
         num_frames: T, frames per window.
         frame_stride: take every ``frame_stride``-th frame of the clip.
         batch_size: clips per batch (batched inside the worker); the last batch of a
@@ -267,7 +381,8 @@ class ClipStream(IterableDataset):
         train: True streams forever with random windows and shuffling; False reads every
             clip once with a deterministic window.
         shuffle_buffer: number of encoded samples to shuffle over (training only).
-        shuffle_bytes: and at most this many bytes of them (whole videos are MBs each).
+        shuffle_bytes: and at most this many bytes of them (whole videos are MBs each); a mixture's sources
+            share it equally (each holds up to ``shuffle_buffer`` samples).
         seed: base seed; each rank/worker/round derives its own from it.
         backend: decode backend (``auto``: decord, PyAV fallback).
         require_actions: skip (and count) clips without ``actions.npy`` instead of yielding
@@ -290,12 +405,17 @@ class ClipStream(IterableDataset):
         (int64 ``[B, T-1]`` or float32 ``[B, T-1, A]``, only when every clip of the batch has them), ``keys``,
         ``starts`` int64 ``[B]`` (window start frame), ``worker`` (``rank * workers + stream``), ``skipped``
         (that worker's cumulative count of bad samples) and, in training, ``stream`` (the logical stream) and
-        ``position`` (``[block, samples used]`` of that stream after this batch).
+        ``position`` (``[block, samples used]`` of that stream after this batch; a mixture's ``[slot, block_0,
+        used_0, ...]``, see :class:`StreamState`). A mixture's batches also carry ``sources`` int64 ``[B]`` (each
+        clip's index among the mapping's keys) and ``source_counts`` (list: the worker's clips per source so far).
+
+    Raises:
+        DataError: no shards, bad mixture weights (see :func:`parse_mixture`), bad sizes.
     """
 
     def __init__(
         self,
-        shards: str | Sequence[str],
+        shards: ShardSpec,
         num_frames: int = 16,
         frame_stride: int = 1,
         batch_size: int = 8,
@@ -316,7 +436,16 @@ class ClipStream(IterableDataset):
         resume: StreamState | None = None,
     ):
         super().__init__()
-        self.urls = expand_shards(shards)
+        self.sources: list[Source] | None = None  # a training mixture's sources (None: one source)
+        if isinstance(shards, Mapping) and train:
+            self.sources = parse_mixture(shards, "data.train_shards", warn=True)
+            self.urls = [u for src in self.sources for u in src.urls]
+        elif isinstance(shards, Mapping):  # validation: the union of the keys, weights ignored
+            if not shards:
+                raise DataError("data.val_shards is an empty mapping: give a shard spec, a list or {spec: weight}")
+            self.urls = expand_shards(list(shards))
+        else:
+            self.urls = expand_shards(shards)
         self.num_frames, self.frame_stride = num_frames, frame_stride
         self.batch_size = batch_size
         self.train = train
@@ -408,13 +537,16 @@ class ClipStream(IterableDataset):
         every, cap = self.video_window_every, self.max_video_windows
         return windows_per_video(info.frames, self.num_frames, self.frame_stride, every, cap), info
 
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
-        """Shuffle through a buffer of ``shuffle_buffer`` samples and at most ``shuffle_bytes`` bytes."""
+    def _shuffled(
+        self, samples: Iterator[dict[str, Any]], rng: random.Random, max_bytes: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Shuffle through a buffer of ``shuffle_buffer`` samples and at most ``max_bytes`` (``shuffle_bytes``)."""
+        cap = self.shuffle_bytes if max_bytes is None else max_bytes
         buf: list[dict[str, Any]] = []
         held = 0
         for s in samples:
             n = _nbytes(s)
-            if len(buf) < self.shuffle_buffer and (held + n <= self.shuffle_bytes or not buf):
+            if len(buf) < self.shuffle_buffer and (held + n <= cap or not buf):
                 buf.append(s)
                 held += n
                 continue
@@ -422,7 +554,7 @@ class ClipStream(IterableDataset):
             buf[i], s = s, buf[i]
             held += n - _nbytes(s)
             yield s
-            while held > self.shuffle_bytes and len(buf) > 1:  # a big sample came in: let more out
+            while held > cap and len(buf) > 1:  # a big sample came in: let more out
                 s = buf.pop(rng.randrange(len(buf)))
                 held -= _nbytes(s)
                 yield s
@@ -595,28 +727,107 @@ class ClipStream(IterableDataset):
         state = self.resume or StreamState()
         stream = (wid + state.consumed) % nw  # DataLoader hands out batch i from worker i mod nw
         me = rank * nw + stream
+        if self.sources is not None:
+            yield from self._mixed_batches(state, stream, me, world * nw)
+            return
         schedule = ShardSchedule(len(self.urls), self.seed, world * nw, self.interleave)
-        block, skip = state.positions.get(stream, (state.start_block, 0))
-        seed = _seed_word(self.seed)
+        first, skip = state.positions.get(stream, (state.start_block, 0))
         pending: list[dict[str, Any]] = []
-        shards_read = 0
+        for clip, block, used in self._source_clips(self.urls, schedule, me, first, skip):
+            pending.append(clip)
+            if len(pending) == self.batch_size:
+                yield self._collate(pending, me, stream=stream, position=[block, used])
+                pending = []
+
+    def _source_clips(
+        self,
+        urls: Sequence[str],
+        schedule: ShardSchedule,
+        me: int,
+        block: int,
+        skip: int,
+        source: Source | None = None,
+        max_bytes: int | None = None,
+    ) -> Iterator[tuple[dict[str, Any], int, int]]:
+        """Endless ``(clip, block, samples of the block used)`` of one source for consumer ``me``.
+
+        Starts at ``block`` after its first ``skip`` samples (re-read, not decoded). ``source`` (a mixture's)
+        is mixed into every seed; None keeps the single-source seeds.
+        """
+        seed = _seed_word(self.seed)
+        good = shards_read = 0
         while True:
-            urls = [self.urls[i] for i in schedule.block(me, block)]
-            samples = self._shuffled(self._with_windows(self._interleaved(urls)), random.Random(f"{seed}:{me}:{block}"))
+            block_urls = [urls[i] for i in schedule.block(me, block)]
+            key = f"{seed}:{me}:{block}" if source is None else f"{seed}:{me}:{block}:{source.index}"
+            samples = self._shuffled(self._with_windows(self._interleaved(block_urls)), random.Random(key), max_bytes)
             for i, sample in enumerate(samples):
                 if i < skip:
                     continue  # used before the checkpoint this run resumed from: re-read, not decoded
-                clip = self._load_or_count(sample, np.random.default_rng([seed, me, block, i]))
+                words = [seed, me, block, i] if source is None else [seed, _MIX_WORD, source.index, me, block, i]
+                clip = self._load_or_count(sample, np.random.default_rng(words))
                 if clip is None:
                     continue
-                pending.append(clip)
-                if len(pending) == self.batch_size:
-                    yield self._collate(pending, me, stream=stream, position=[block, i + 1])
-                    pending = []
+                good += 1
+                yield clip, block, i + 1
             block, skip = block + 1, 0
-            shards_read += len(urls)
-            if self.stats.samples == 0 and shards_read >= len(self.urls):
-                raise DataError(f"no readable clips in {shards_read} shard(s) (e.g. {urls[0]}); see warnings above")
+            shards_read += len(block_urls)
+            if good == 0 and shards_read >= len(urls):
+                where = "" if source is None else f" of data.train_shards source {source.spec!r}"
+                raise DataError(
+                    f"no readable clips in {shards_read} shard(s){where} (e.g. {block_urls[0]}); see warnings above"
+                )
+
+    def _mixed_batches(self, state: StreamState, stream: int, me: int, consumers: int) -> Iterator[dict[str, Any]]:
+        """Endless batches of a mixture: slot ``j``'s source drawn by ``(seed, consumer, j // 1024)``."""
+        sources = self.sources or []
+        n = len(sources)
+        saved = state.positions.get(stream)
+        if saved is None:
+            slot = 0
+            starts = [state.source_start[k] if k < len(state.source_start) else state.start_block for k in range(n)]
+            where = [[b, 0] for b in starts]
+        elif len(saved) == 1 + 2 * n:
+            slot, where = int(saved[0]), [[int(saved[1 + 2 * k]), int(saved[2 + 2 * k])] for k in range(n)]
+        else:
+            raise DataError(f"resume position {list(saved)} does not fit a mixture of {n} sources")
+        max_bytes = max(1, self.shuffle_bytes // n)  # the sources share the byte budget
+        streams = [
+            self._source_clips(
+                src.urls,
+                ShardSchedule(len(src.urls), self.seed, consumers, self.interleave, salt=(_MIX_WORD, src.index)),
+                me,
+                where[k][0],
+                where[k][1],
+                src,
+                max_bytes,
+            )
+            for k, src in enumerate(sources)
+        ]
+        probs = np.array([src.weight for src in sources])
+        probs /= probs.sum()
+        counts = [0] * (sources[-1].index + 1)  # clips per mapping key so far
+        seed = _seed_word(self.seed)
+        chunk, choices = -1, np.zeros(0, np.int64)
+        pending: list[dict[str, Any]] = []
+        picked: list[int] = []
+        while True:
+            c, r = divmod(slot, _MIX_CHUNK)
+            if c != chunk:
+                chunk, choices = c, np.random.default_rng([seed, _MIX_WORD, me, c]).choice(n, _MIX_CHUNK, p=probs)
+            k = int(choices[r])
+            clip, block, used = next(streams[k])
+            where[k] = [block, used]
+            slot += 1
+            pending.append(clip)
+            picked.append(sources[k].index)
+            counts[sources[k].index] += 1
+            if len(pending) == self.batch_size:
+                position = [slot, *(x for w in where for x in w)]
+                tags = torch.tensor(picked, dtype=torch.int64)  # (B,)
+                yield self._collate(
+                    pending, me, stream=stream, position=position, sources=tags, source_counts=list(counts)
+                )
+                pending, picked = [], []
 
     def _load_or_count(self, sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any] | None:
         """One clip, or None after counting the sample as bad (a stride the data cannot follow is raised)."""
@@ -653,6 +864,22 @@ def total_skipped(seen: dict[int, int], batch: dict[str, Any]) -> int:
     return sum(seen.values())
 
 
+def source_shares(seen: dict[int, list[int]], batch: dict[str, Any]) -> list[float]:
+    """Fold a mixture batch's per-worker cumulative ``source_counts`` into ``seen``; return each source's share.
+
+    The counts are plain ints that stay on the host (no device sync, unlike ``batch["sources"]`` after transfer).
+    Index ``k`` is the mapping's ``k``-th key.
+    """
+    counts = [int(c) for c in batch["source_counts"]]
+    old = seen.get(batch["worker"], [])
+    if sum(counts) >= sum(old):
+        seen[batch["worker"]] = counts
+    width = max(len(c) for c in seen.values())
+    totals = [sum(c[k] for c in seen.values() if k < len(c)) for k in range(width)]
+    whole = sum(totals) or 1
+    return [t / whole for t in totals]
+
+
 def whole_video_meta(key: str, raw: dict[str, Any], info: VideoInfo) -> ClipMeta:
     """ClipMeta describing a whole video (``extra[WHOLE_VIDEO]`` set): what the checks before training need."""
     return ClipMeta(
@@ -666,7 +893,7 @@ def whole_video_meta(key: str, raw: dict[str, Any], info: VideoInfo) -> ClipMeta
     )
 
 
-def first_members(shards: str | Sequence[str]) -> set[str]:
+def first_members(shards: ShardSpec) -> set[str]:
     """The member names (``mp4``, ``json``, ``actions.npy``, ...) of the first sample of the first shard."""
     from webdataset.tariterators import tarfile_samples
 
@@ -676,7 +903,7 @@ def first_members(shards: str | Sequence[str]) -> set[str]:
     return set()
 
 
-def probe_meta(shards: str | Sequence[str]) -> ClipMeta:
+def probe_meta(shards: ShardSpec) -> ClipMeta:
     """Metadata of the first readable clip of the first shard (to check resolution before training).
 
     For a shard of whole videos (video2dataset) it describes the first readable video, with

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
-from genie.data.loader import total_skipped
+from genie.data.loader import source_shares, total_skipped
 from genie.models.blocks import STBlock, STTransformer
 from genie.models.hub import DamagedFileError, GeniePreTrainedModel, first_line, model_fields
 from genie.models.quantizer import VectorQuantizer
@@ -170,6 +170,7 @@ class StageModule(L.LightningModule):
         super().__init__()
         self.optim = as_config(optim or OptimConfig(), OptimConfig)
         self._skipped_seen: dict[int, int] = {}
+        self._sources_seen: dict[int, list[int]] = {}  # worker -> clips per mixture source so far
         self.nonfinite_skipped = 0  # steps skipped so far (kept in checkpoints)
         self.nonfinite_steps: list[int] = []  # the first few of them, for the end-of-run report
         self._nonfinite_in_a_row = 0
@@ -200,10 +201,13 @@ class StageModule(L.LightningModule):
         return None
 
     def log_data_stats(self, batch: dict[str, Any]) -> None:
-        """Log how many bad samples the loader has skipped so far (all workers)."""
+        """Log how many bad samples the loader has skipped so far (all workers), and a mixture's share per source."""
         if "worker" in batch:
             skipped = total_skipped(self._skipped_seen, batch)
             self.log("data/skipped", float(skipped), on_step=True, on_epoch=False)
+        if "source_counts" in batch:  # host-side counts (no device sync); source k = data.train_shards' k-th key
+            for k, share in enumerate(source_shares(self._sources_seen, batch)):
+                self.log(f"data/source{k}_share", share, on_step=True, on_epoch=False)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each ST block's activations in backward instead of storing them (all of the stage's stacks).

@@ -14,6 +14,10 @@ Starts from a world bundle (``genie export world``) and trains on video shards:
   LAM's latent action of each transition from the robot's action, so the exported world can be stepped
   with ``World.step(robot_action=u)``.
 
+``init: scratch`` trains the same architecture from fresh random weights instead: every part that trains
+(the dynamics model, and the LAM / tokenizer when they train) starts untrained, the frozen parts stay the bundle's.
+With the same data and steps that is the baseline that says what pretraining was worth (``genie transfer``).
+
 At the end the stage exports a whole new world bundle (``<root>/export``): the (fine-tuned or original)
 tokenizer and LAM, the fine-tuned dynamics model, the adapter, and the source world's sampler settings.
 """
@@ -28,7 +32,7 @@ import torch
 from torch import Tensor
 
 from genie.models.adapter import ActionAdapter, AdapterConfig
-from genie.models.dynamics import DynamicsModel
+from genie.models.dynamics import DynamicsConfig, DynamicsModel
 from genie.models.lam import LAMConfig, LatentActionModel
 from genie.models.sampler import SamplerConfig
 from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
@@ -36,6 +40,9 @@ from genie.stages.base import OptimConfig
 from genie.stages.dynamics import DynamicsStage, FrozenEncoders, read_config
 from genie.train import ConfigError
 from genie.world import PARTS, write_bundle
+
+# where the trained parts start: the bundle's weights, or fresh random ones (the from-scratch baseline)
+INITS = ("pretrained", "scratch")
 
 
 class FinetuneStage(DynamicsStage):
@@ -49,6 +56,8 @@ class FinetuneStage(DynamicsStage):
         adapter_action_dim: U, the length of the robot's action vectors; 0: no action adapter.
         adapter_hidden: width of the adapter's hidden layers.
         adapter_weight: weight of the adapter's cross entropy in the total loss.
+        init: ``pretrained`` (start from the bundle's weights) or ``scratch`` (the trained parts start from fresh
+            random weights of the same architecture: the from-scratch baseline of ``genie transfer``).
         optim: optimizer and schedule (one learning rate for every trained part).
     """
 
@@ -61,6 +70,7 @@ class FinetuneStage(DynamicsStage):
         adapter_action_dim: int = 0,
         adapter_hidden: int = 128,
         adapter_weight: float = 1.0,
+        init: str = "pretrained",
         optim: OptimConfig | None = None,
     ):
         super(DynamicsStage, self).__init__(optim)  # StageModule.__init__: the parts come from the bundle
@@ -72,16 +82,26 @@ class FinetuneStage(DynamicsStage):
             )
         if not (train_dynamics or train_tokenizer or train_lam or adapter_action_dim):
             raise ConfigError("nothing to train: set train_dynamics, train_tokenizer, train_lam or adapter_action_dim")
+        if init not in INITS:
+            raise ConfigError(f"model.init_args.init={init!r}: choose {' or '.join(INITS)}")
         tok_cfg = read_config(TokenizerConfig, root / "tokenizer", "tokenizer")
         lam_cfg = read_config(LAMConfig, root / "lam", "LAM")
         self.world_path = root
         self.image_size = tok_cfg.image_size
-        self.net = DynamicsModel.from_pretrained(root / "dynamics")
+        scratch = init == "scratch"
+        if scratch and train_dynamics:  # the same architecture, fresh weights (seeded by seed_everything)
+            self.net = DynamicsModel(read_config(DynamicsConfig, root / "dynamics", "dynamics"))
+        else:
+            self.net = DynamicsModel.from_pretrained(root / "dynamics")
         self.net.requires_grad_(train_dynamics)
         self.train_dynamics = train_dynamics
         # trained parts are submodules (optimised and checkpointed); frozen ones are loaded lazily, never saved
-        self.tokenizer = VideoTokenizer.from_pretrained(root / "tokenizer") if train_tokenizer else None
-        self.lam = LatentActionModel.from_pretrained(root / "lam") if train_lam else None
+        self.tokenizer = self.lam = None
+        if train_tokenizer:
+            tok = VideoTokenizer(tok_cfg) if scratch else VideoTokenizer.from_pretrained(root / "tokenizer")
+            self.tokenizer = tok
+        if train_lam:
+            self.lam = LatentActionModel(lam_cfg) if scratch else LatentActionModel.from_pretrained(root / "lam")
         self.frozen = FrozenEncoders(root / "tokenizer", root / "lam")
         self.adapter = None
         if adapter_action_dim > 0:
@@ -96,6 +116,7 @@ class FinetuneStage(DynamicsStage):
             adapter_action_dim=adapter_action_dim,
             adapter_hidden=adapter_hidden,
             adapter_weight=adapter_weight,
+            init=init,
         )
 
     def expected_frames(self) -> int:

@@ -222,3 +222,13 @@ def sprites_world(
     args = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", str(dyn), "--out", str(world)]
     assert main(args) == 0
     return world
+
+
+@pytest.fixture(scope="session")
+def robot_shards_24(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Meta-World reach-v3 at the tiny world's 24 px (--action-repeat 6: one step moves the arm well under a pixel
+    at 24 px), 24 training and 24 held-out episodes: the robot data of the fine-tune and transfer learning tests."""
+    from tests.conftest import make_robot_shards
+
+    out = tmp_path_factory.mktemp("robot24") / "shards"
+    return make_robot_shards(out, 24, 24, 24, "--max-episode-frames", "48", "--action-repeat", "6")

@@ -26,17 +26,10 @@ import pytest
 from genie.eval.world import evaluate_world
 from genie.models.sampler import SamplerConfig
 from genie.world import World
-from tests.conftest import make_robot_shards
 
 from .conftest import train_from_config
 
 GREEDY = SamplerConfig(steps=4, temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def robot_shards_24(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("robot24") / "shards"
-    return make_robot_shards(out, 24, 24, 24, "--max-episode-frames", "48", "--action-repeat", "6")
 
 
 def evaluate(world: Path, shards: Path) -> dict:

@@ -4,7 +4,9 @@ PSNR that the same architecture trained from scratch (same data, steps and seed)
 
 Measured (2026-12-07, seed 0, AMD EPYC Zen 3): held-out PSNR every 40 steps, pretrained 13.41 / 15.58 / 15.17 /
 15.39 / 15.36 / 15.30 dB, scratch 9.24 / 14.33 / 15.25 / 15.16 / 15.23 / 15.30: the pretrained world is at the
-target at its first evaluation (step 40), the scratch one at step 80; both then wander within +-0.2 dB.
+target at its first evaluation (step 40), the scratch one at step 80; both then wander within +-0.2 dB. Seeds 1 and 2
+of `genie transfer --seed` (the same world): 40 vs 80 both times (at step 40 the pretrained arm is 1.2-1.4 dB ahead:
+15.36 / 15.35 against 13.97 / 14.19).
 
 The pretrained world is the tiny sprites world the suite already trains (the README's table is the Procgen one:
 `scripts/pretrain.sh tiny`); the robot data is Meta-World reach-v3 at 24 px. Marked slow (~3 min on top of the

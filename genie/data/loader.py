@@ -596,7 +596,7 @@ class ClipStream(IterableDataset):
             info = VideoInfo(frames=meta.frames, width=meta.width, height=meta.height, fps=meta.fps)
             out["frames"] = decode_resized(sample[video], idx.tolist(), self.resolution, self.backend, info)
         else:
-            frames = decode_clip(sample[video], idx.tolist(), self.backend)
+            frames = decode_clip(sample[video], idx.tolist(), self.backend, width=meta.width)
             if frames.shape[1:3] != (meta.height, meta.width):
                 raise DecodeError(
                     f"decoded {frames.shape[2]}x{frames.shape[1]}, metadata says {meta.width}x{meta.height}"

@@ -65,3 +65,18 @@ def test_resize_center_crop():
     out = resize_center_crop(img, 20)
     assert out.shape == (20, 20, 3)
     assert out[:, 10].min() > 200 and out[:, 0].max() < 50
+
+
+@pytest.mark.parametrize("width,decord_tried", [(24, False), (32, True)])
+def test_auto_skips_decord_for_widths_it_cannot_copy_out(monkeypatch, width, decord_tried):
+    """decord decodes a clip whose width is not a multiple of 32, then fails copying it out: with the width known
+    (clip metadata), ``auto`` goes straight to PyAV, and gives the exact frames either way."""
+    import genie.data.video as video
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 24, width, 3), dtype=np.uint8)
+    data = encode_clip(frames, fps=10, lossless=True)
+    tried = []
+    real = video._decode_decord
+    monkeypatch.setattr(video, "_decode_decord", lambda *a: tried.append(1) or real(*a))
+    assert np.array_equal(decode_clip(data, [3, 1], "auto", width=width), frames[[3, 1]])
+    assert bool(tried) == decord_tried

@@ -61,6 +61,10 @@ class STTransformerConfig:
     qk_norm: bool = True  # RMSNorm on per-head queries and keys (stabilises attention logits, as in Genie)
     rope_base: float = 10000.0  # RoPE base for temporal positions
     bias: bool = True  # biases in linear layers and LayerNorms
+    # the last causal_tokens tokens of each frame are generated one by one (the causal dynamics kind): each attends
+    # to every leading token of its frame and to the trailing ones before it (raster order), no leading token
+    # attends to them, and they take no part in temporal attention. 0: every token attends to every token.
+    causal_tokens: int = 0
 
 
 @dataclass
@@ -222,6 +226,45 @@ class RingKVCache:
         self.frame.add_(1)
 
 
+@dataclass
+class FrameKVCache:
+    """Per-layer keys/values of the spatial attention of the frame being generated token by token.
+
+    For a stack with ``causal_tokens`` (see :class:`STTransformerConfig`): the frame's leading tokens run once and
+    write their keys/values at positions 0 .. P0-1, then each generated token writes its own at its position and
+    attends to everything before it. Layer ``i`` holds ``keys[i]`` / ``values[i]`` of shape (B, K, P, E), allocated
+    at the first write; positions past the newest token hold stale values from the previous frame, which the
+    causal mask never lets a query read, so a new frame needs no clearing.
+    """
+
+    num_layers: int
+    keys: list[Tensor | None] = field(default_factory=list)  # per layer, (B, K, P, E)
+    values: list[Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [None] * self.num_layers
+            self.values = [None] * self.num_layers
+
+    def write(self, layer: int, offset: int, k_new: Tensor, v_new: Tensor, P: int) -> tuple[Tensor, Tensor]:
+        """Store (B, K, L, E) keys/values of positions offset .. offset+L-1; returns the layer's (B, K, P, E)."""
+        if self.keys[layer] is None or self.keys[layer].shape[0] != k_new.shape[0]:
+            shape = (*k_new.shape[:2], P, k_new.shape[-1])
+            self.keys[layer], self.values[layer] = k_new.new_zeros(shape), v_new.new_zeros(shape)
+        L = k_new.shape[2]
+        self.keys[layer][:, :, offset : offset + L] = k_new
+        self.values[layer][:, :, offset : offset + L] = v_new
+        return self.keys[layer], self.values[layer]
+
+
+def spatial_mask(P: int, leading: int, device: torch.device) -> Tensor:
+    """(P, P) bool, True where token i may attend token j in a frame whose last P - ``leading`` tokens are
+    generated one by one: every token reads the leading ones, a generated token also reads itself and the
+    generated tokens before it."""
+    i, j = torch.arange(P, device=device)[:, None], torch.arange(P, device=device)[None]
+    return (j < leading) | ((j <= i) & (i >= leading))
+
+
 def rope_cos_sin(
     start: int, T: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
@@ -321,12 +364,28 @@ class Attention(nn.Module):
 
 
 class SpatialAttention(Attention):
-    """Bidirectional attention among the N tokens of each frame."""
+    """Attention among the tokens of each frame: bidirectional, or with ``causal_tokens`` the mask of
+    :func:`spatial_mask` (generated tokens in raster order)."""
 
-    def forward(self, x_BTND: Tensor) -> Tensor:
-        T = x_BTND.shape[1]
+    def __init__(self, config: STTransformerConfig):
+        super().__init__(config)
+        self.num_tokens = config.num_spatial_tokens
+        self.leading = config.num_spatial_tokens - config.causal_tokens
+
+    def forward(
+        self, x_BTND: Tensor, frame_cache: FrameKVCache | None = None, layer: int = 0, offset: int = 0
+    ) -> Tensor:
+        """(B, T, L, D) tokens offset .. offset+L-1 of each frame -> (B, T, L, D). With ``frame_cache`` (one frame,
+        T = 1) their keys/values are stored and the queries also read the frame's earlier tokens from it."""
+        T, L = x_BTND.shape[1], x_BTND.shape[2]
         q, k, v = self.qkv_heads(rearrange(x_BTND, "b t n d -> (b t) n d"))
-        y_BLD = self.attend(q, k, v)
+        mask = None
+        if frame_cache is not None:
+            k, v = frame_cache.write(layer, offset, k, v, self.num_tokens)
+            mask = spatial_mask(self.num_tokens, self.leading, q.device)[offset : offset + L]
+        elif self.leading < self.num_tokens:
+            mask = spatial_mask(L, self.leading, q.device)
+        y_BLD = self.attend(q, k, v, mask=mask)
         return rearrange(y_BLD, "(b t) n d -> b t n d", t=T)
 
 
@@ -404,10 +463,21 @@ class STBlock(nn.Module):
         cache: KVCache | RingKVCache | None = None,
         layer: int = 0,
         update_cache: bool = True,
+        frame_cache: FrameKVCache | None = None,
+        offset: int = 0,
     ) -> Tensor:
-        """(B, T, N, D) -> (B, T, N, D). See :meth:`STTransformer.forward` for the cache arguments."""
-        x_BTND = x_BTND + self.spatial(self.norm_spatial(x_BTND))
-        x_BTND = x_BTND + self.temporal(self.norm_temporal(x_BTND), rope, start, cache, layer, update_cache)
+        """(B, T, L, D) -> (B, T, L, D). See :meth:`STTransformer.forward` for the cache arguments."""
+        x_BTND = x_BTND + self.spatial(self.norm_spatial(x_BTND), frame_cache, layer, offset)
+        # temporal attention for the leading tokens only (all of them without causal_tokens)
+        n = min(x_BTND.shape[2], self.spatial.leading - offset)
+        if n == x_BTND.shape[2]:
+            x_BTND = x_BTND + self.temporal(self.norm_temporal(x_BTND), rope, start, cache, layer, update_cache)
+        elif n > 0:
+            lead_BTND, rest_BTND = x_BTND[:, :, :n], x_BTND[:, :, n:]
+            lead_BTND = lead_BTND + self.temporal(
+                self.norm_temporal(lead_BTND), rope, start, cache, layer, update_cache
+            )
+            x_BTND = torch.cat([lead_BTND, rest_BTND], dim=2)
         return x_BTND + self.mlp(self.norm_mlp(x_BTND))
 
 
@@ -483,46 +553,60 @@ class STTransformer(nn.Module):
             return RingKVCache(num_layers=self.config.depth, max_frames=self.config.max_frames).to(device)
         return KVCache(num_layers=self.config.depth, max_frames=self.config.max_frames)
 
-    def forward(self, x_BTND: Tensor, cache: KVCache | RingKVCache | None = None, update_cache: bool = True) -> Tensor:
+    def forward(
+        self,
+        x_BTND: Tensor,
+        cache: KVCache | RingKVCache | None = None,
+        update_cache: bool = True,
+        frame_cache: FrameKVCache | None = None,
+        offset: int = 0,
+    ) -> Tensor:
         """Run the stack.
 
         Args:
-            x_BTND: (B, T, N, D) input tokens (N must equal ``config.num_spatial_tokens``).
+            x_BTND: (B, T, N, D) input tokens (N must equal ``config.num_spatial_tokens``, but with ``frame_cache``).
             cache: optional KV cache holding earlier frames of the same sequences. The T frames given are
                 then frames ``cache.num_frames ... cache.num_frames + T - 1`` of the sequence.
             update_cache: append these frames to ``cache`` and advance it (False: read-only use).
+            frame_cache: with ``config.causal_tokens``, the spatial keys/values of the frame being generated
+                (:class:`FrameKVCache`); ``x_BTND`` is then (B, 1, L, D), that frame's tokens ``offset`` ..
+                ``offset + L - 1``: its leading tokens (offset 0, with the temporal ``cache``), or generated ones.
+            offset: see ``frame_cache``.
 
         Returns:
             (B, T, N, D) outputs. Frame t never depends on later frames; each layer looks back at most
             ``max_frames - 1`` frames (the full forward and the cached incremental forward agree exactly).
         """
-        T = x_BTND.shape[1]
+        T, L = x_BTND.shape[1], x_BTND.shape[2]
         if isinstance(cache, RingKVCache):
-            return self._ring_forward(x_BTND, cache, update_cache)
+            return self._ring_forward(x_BTND, cache, update_cache, frame_cache)
         start = cache.num_frames if cache is not None else 0
-        x_BTND = x_BTND + self.pos_spatial_ND.to(x_BTND.dtype)  # (N, D) broadcast over (B, T)
+        x_BTND = x_BTND + self.pos_spatial_ND[offset : offset + L].to(x_BTND.dtype)  # (L, D) broadcast over (B, T)
         rope = self.rope(start, T, x_BTND.device, x_BTND.dtype)  # all layers
         ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if ckpt:
                 x_BTND = checkpoint(block, x_BTND, rope, start, use_reentrant=False)
             else:
-                x_BTND = block(x_BTND, rope, start, cache, i, update_cache)
+                x_BTND = block(x_BTND, rope, start, cache, i, update_cache, frame_cache, offset)
         if cache is not None and update_cache:
             cache.num_frames += T
         return self.norm(x_BTND)
 
-    def _ring_forward(self, x_BTND: Tensor, cache: RingKVCache, update_cache: bool) -> Tensor:
-        """:meth:`forward` over a :class:`RingKVCache`: frame by frame, nothing read from the host."""
-        T = x_BTND.shape[1]
+    def _ring_forward(
+        self, x_BTND: Tensor, cache: RingKVCache, update_cache: bool, frame_cache: FrameKVCache | None = None
+    ) -> Tensor:
+        """:meth:`forward` over a :class:`RingKVCache`: frame by frame, nothing read from the host. With
+        ``frame_cache``: one frame's leading tokens (see :meth:`forward`)."""
+        T, L = x_BTND.shape[1], x_BTND.shape[2]
         if T > 1:
-            if not update_cache:
+            if not update_cache or frame_cache is not None:
                 raise ValueError("a RingKVCache takes several frames only when they are appended (update_cache)")
             return torch.cat([self._ring_forward(x_BTND[:, t : t + 1], cache, True) for t in range(T)], dim=1)
-        x_BTND = x_BTND + self.pos_spatial_ND.to(x_BTND.dtype)
+        x_BTND = x_BTND + self.pos_spatial_ND[:L].to(x_BTND.dtype)
         cache.begin_frame(*self.rope(0, self.config.max_frames, x_BTND.device, x_BTND.dtype))
         for i, block in enumerate(self.blocks):
-            x_BTND = block(x_BTND, None, 0, cache, i, update_cache)
+            x_BTND = block(x_BTND, None, 0, cache, i, update_cache, frame_cache)
         if update_cache:
             cache.advance()
         return self.norm(x_BTND)

@@ -186,6 +186,12 @@ class MaskGITSampler:
         return self._logits(frame_BN, actions_B)
 
     @torch.no_grad()
+    def next_frame_logits(self, actions_B: Tensor, frame_BN: Tensor | None = None) -> Tensor:
+        """Teacher forcing, the interface every kind's sampler has: logits (B, N, V) of the next frame. MaskGIT's is
+        the one-step prediction of a fully masked frame (:meth:`masked_logits`); the true frame is not read."""
+        return self.masked_logits(actions_B)
+
+    @torch.no_grad()
     def append(self, frame_BN: Tensor, actions_B: Tensor) -> None:
         """Commit a frame (sampled, or the true one for teacher forcing) reached under ``actions_B`` to the context."""
         assert self.history_BTN is not None and self.lead_BT is not None
@@ -234,6 +240,22 @@ def compile_step(fn: Callable[..., Any]) -> Callable[..., Any]:
     return step
 
 
+def sample_ids(logits_BNV: Tensor, temperature: float, u_BN: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One id per position from float logits (..., V): by inverse CDF with the uniforms ``u_BN`` (...) when
+    ``temperature > 0``, else the most likely. Returns the ids (...) and the probabilities (..., V) they came from."""
+    V = logits_BNV.shape[-1]
+    if temperature > 0:
+        assert u_BN is not None
+        probs_BNV = torch.softmax(logits_BNV / temperature, dim=-1)
+        cdf_BNV = probs_BNV.cumsum(-1)
+        # inverse CDF: the first id whose cumulative probability passes u (one uniform per token)
+        sampled_BN = (cdf_BNV < u_BN[..., None] * cdf_BNV[..., -1:]).sum(-1).clamp_(max=V - 1)
+    else:
+        probs_BNV = torch.softmax(logits_BNV, dim=-1)
+        sampled_BN = logits_BNV.argmax(-1)
+    return sampled_BN, probs_BNV
+
+
 def choose_tokens(
     logits_BNV: Tensor,
     frame_BN: Tensor,
@@ -259,16 +281,7 @@ def choose_tokens(
         frame_BN, masked_BN after the step. Every shape is fixed and nothing is read back to the host, so one
         compiled graph serves every step.
     """
-    V = logits_BNV.shape[-1]
-    if temperature > 0:
-        assert u_sample_BN is not None
-        probs_BNV = torch.softmax(logits_BNV / temperature, dim=-1)
-        cdf_BNV = probs_BNV.cumsum(-1)
-        # inverse CDF: the first id whose cumulative probability passes u (one uniform per token)
-        sampled_BN = (cdf_BNV < u_sample_BN[..., None] * cdf_BNV[..., -1:]).sum(-1).clamp_(max=V - 1)
-    else:
-        probs_BNV = torch.softmax(logits_BNV, dim=-1)
-        sampled_BN = logits_BNV.argmax(-1)
+    sampled_BN, probs_BNV = sample_ids(logits_BNV, temperature, u_sample_BN)
     score_BN = probs_BNV.gather(-1, sampled_BN[..., None])[..., 0] if u_rank_BN is None else u_rank_BN
     # known tokens are never re-masked: give them the top score; the lowest still_masked scores stay masked
     score_BN = score_BN.masked_fill(~masked_BN, float("inf"))

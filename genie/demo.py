@@ -1,8 +1,8 @@
 """``genie demo``: the whole idea end to end on a CPU in a few minutes.
 
 Makes the plain synthetic sprites (a white square moved by 4 actions the models never see), trains the
-tiny tokenizer, LAM and dynamics model on them (``configs/tiny/``), exports a world, evaluates it
-(``genie eval world``: ΔtPSNR says whether the latent actions control it) and writes a rollout GIF per
+tiny tokenizer, LAM and dynamics model (``--dynamics``: its kind) on them (``configs/tiny/``), exports a world,
+evaluates it (``genie eval world``: ΔtPSNR says whether the latent actions control it) and writes a rollout GIF per
 latent action. Every stage is an ordinary genie command, printed as it runs, so each can be rerun alone.
 
     OUT/data/{train,val}        sprites shards          OUT/tokens/{train,val}   token shards
@@ -54,9 +54,8 @@ def stages(out: Path, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         tokenize = ["prep", "tokenize", "--data", str(data / split), "--out", str(tokens / split)]
         cmds.append((f"tokenize {split}", [*tokenize, "--tokenizer", str(tok_export), "--lam", str(lam_export)]))
     frozen = [f"--model.init_args.tokenizer={tok_export}", f"--model.init_args.lam={lam_export}"]
-    cmds.append(
-        ("dynamics", fit("dynamics.yaml", "dynamics", tokens / "train", tokens / "val", 4 if quick else None, *frozen))
-    )
+    config = "dynamics.yaml" if args.dynamics == "maskgit" else f"dynamics_{args.dynamics}.yaml"
+    cmds.append(("dynamics", fit(config, "dynamics", tokens / "train", tokens / "val", 4 if quick else None, *frozen)))
     world = out / "world"
     cmds.append(
         (
@@ -93,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=1500, help="training clips of sprites (default 1500)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training runs")
     parser.add_argument("--quick", action="store_true", help="4 steps a stage: plumbing only")
+    parser.add_argument(
+        "--dynamics",
+        choices=("maskgit", "causal", "diffusion"),  # conditioning.DYNAMICS_KINDS (not imported: torch at --help)
+        default="maskgit",
+        help="dynamics kind: maskgit (Genie's, default), causal (next token in raster order) or diffusion (diffusion "
+        "forcing over code vectors); configs/tiny/dynamics_<kind>.yaml",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -23,6 +23,7 @@ trainer. Defaults every stage gets:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -504,6 +505,60 @@ def stage_error_line(message: str) -> str | None:
     return None
 
 
+MODEL_FIELDS_ARG = "--model.init_args.model"
+
+
+def fold_model_overrides(argv: list[str]) -> list[str]:
+    """Fold ``--model.init_args.model.<field>=<value>`` overrides of a dynamics model of a kind other than maskgit
+    into one ``--model.init_args.model=<JSON of every field>``.
+
+    The dynamics stage's ``model`` is a union of one config class per kind, and jsonargparse parses each dotted
+    override of a union on its own, trying the classes in order: ``--model.init_args.model.width=64`` on a causal
+    config turned it into a MaskGIT one, silently (jsonargparse issues 588, 829). A whole dict, ``kind`` included,
+    picks the right class. The fields come from the last ``--config`` file that has them (or an earlier whole-dict
+    argument), each override's value read as YAML (``64`` -> int, ``true`` -> bool), as jsonargparse would.
+    """
+    import yaml
+
+    base: dict[str, Any] | None = None
+    overrides: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        takes_next = not eq and i + 1 < len(argv)
+        if name == "--config" and (eq or takes_next):
+            path = value if eq else argv[i + 1]
+            with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError, KeyError):
+                fields = yaml.safe_load(Path(path).read_text())["model"]["init_args"]["model"]
+                base = dict(fields) if isinstance(fields, dict) else base
+        elif name == MODEL_FIELDS_ARG and (eq or takes_next):
+            with contextlib.suppress(yaml.YAMLError):
+                given = yaml.safe_load(value if eq else argv[i + 1])
+                base = dict(given) if isinstance(given, dict) else base
+        elif name.startswith(MODEL_FIELDS_ARG + ".") and (eq or takes_next):
+            overrides[name[len(MODEL_FIELDS_ARG) + 1 :]] = yaml.safe_load(value if eq else argv[i + 1])
+            i += 1 if eq else 2
+            continue
+        rest.append(arg)
+        i += 1
+    fields = {**(base or {}), **overrides}
+    kind = fields.get("kind", "maskgit")
+    if not overrides or kind == "maskgit":
+        return argv
+    from genie.models.kinds import CONFIGS
+
+    if kind not in CONFIGS:
+        raise ConfigError(f"model.kind={kind!r}: choose one of {', '.join(CONFIGS)}")
+    # the class named too: a config file's model of another kind must not claim the fields
+    cls = CONFIGS[kind]
+    return [
+        *rest,
+        f"{MODEL_FIELDS_ARG}={json.dumps({'class_path': f'{cls.__module__}.{cls.__name__}', 'init_args': fields})}",
+    ]
+
+
 def fit(argv: list[str]) -> int:
     """Entry of ``genie fit``; ``argv`` are LightningCLI's arguments (``--config``, overrides)."""
     from argparse import ArgumentError
@@ -516,6 +571,7 @@ def fit(argv: list[str]) -> int:
     sys.argv = [saved_argv[0], "fit", *argv]
     no_exit = {"exit_on_error": False}
     try:
+        argv = fold_model_overrides(argv)
         GenieCLI(
             StageModule,
             VideoDataModule,

@@ -8,13 +8,14 @@ A world bundle is a folder with one exported model per part (``genie export worl
     WORLD/world.json         {"format": "genie-world", "version": 1, "parts": {...}, "sampler": {...}}
     WORLD/tokenizer/         config.json + model.safetensors   (VideoTokenizer)
     WORLD/lam/               config.json + model.safetensors   (LatentActionModel)
-    WORLD/dynamics/          config.json + model.safetensors   (DynamicsModel)
+    WORLD/dynamics/          config.json + model.safetensors   (a dynamics model of any kind: genie/models/kinds.py)
     WORLD/adapter/           optional: config.json + model.safetensors (ActionAdapter: robot action -> latent)
 
-Stepping: the prompt frames are tokenized; each :meth:`World.step` samples the next frame's tokens with
-MaskGIT (:class:`~genie.models.sampler.MaskGITSampler`, whose KV cache holds the past frames) and decodes
-only that frame with the tokenizer's decoder, which keeps its own KV cache of past frames. So a step costs
-one frame of dynamics and decoder compute, however long the rollout.
+Stepping: the prompt frames are tokenized; each :meth:`World.step` samples the next frame's tokens with the
+dynamics kind's sampler (MaskGIT's :class:`~genie.models.sampler.MaskGITSampler` or the causal model's
+:class:`~genie.models.causal.CausalSampler`, whose KV caches hold the past frames) and decodes only that
+frame with the tokenizer's decoder, which keeps its own KV cache of past frames. So a step costs one frame of
+dynamics and decoder compute, however long the rollout.
 """
 
 from __future__ import annotations
@@ -32,10 +33,18 @@ from torch import Tensor
 from genie.data.loader import DataError
 from genie.models.adapter import ActionAdapter
 from genie.models.blocks import RingKVCache
-from genie.models.dynamics import DynamicsModel
 from genie.models.hub import read_json
+from genie.models.kinds import (
+    DYNAMICS_MODELS,
+    AnyDynamics,
+    check_sampler,
+    decode_new_frame,
+    kind_of,
+    load_dynamics,
+    make_sampler,
+)
 from genie.models.lam import LatentActionModel
-from genie.models.sampler import MaskGITSampler, SamplerConfig, compile_step
+from genie.models.sampler import SamplerConfig, compile_step
 from genie.models.tokenizer import VideoTokenizer
 from genie.runtime import flush_denormals
 from genie.stages.media import to_uint8
@@ -60,6 +69,11 @@ def check_compatible(tokenizer: Any, lam: Any, dynamics: Any) -> None:
         problems.append(f"dynamics num_actions={dyn.num_actions} but the LAM has {la.num_actions} actions")
     if la.image_size != tok.image_size:
         problems.append(f"LAM image_size={la.image_size} but the tokenizer's is {tok.image_size}")
+    if getattr(dyn, "kind", "maskgit") == "diffusion":  # it predicts the tokenizer's code vectors
+        if getattr(tok, "codebook", "latent") != "latent":
+            problems.append("the diffusion dynamics needs a tokenizer with a latent codebook (codebook='latent')")
+        elif dyn.code_dim != tok.code_dim:
+            problems.append(f"dynamics code_dim={dyn.code_dim} but the tokenizer's codes have {tok.code_dim}")
     if problems:
         raise ValueError("models do not fit together: " + "; ".join(problems))
 
@@ -89,7 +103,7 @@ class World:
 
     Args:
         tokenizer, lam, dynamics: the three trained models (eval mode is set here).
-        sampler: MaskGIT sampling settings.
+        sampler: sampling settings (``steps`` and ``unmask`` are MaskGIT's; see the kind's sampler).
         device: where the models run.
         seed: seed of the sampling generator (see :meth:`seed`).
         adapter: optional action adapter mapping a robot's real actions to latent actions.
@@ -99,7 +113,7 @@ class World:
         self,
         tokenizer: VideoTokenizer,
         lam: LatentActionModel,
-        dynamics: DynamicsModel,
+        dynamics: AnyDynamics,
         sampler: SamplerConfig | None = None,
         device: str | torch.device = "cpu",
         seed: int | None = None,
@@ -117,9 +131,10 @@ class World:
         self.dynamics = dynamics.to(self.device).eval()
         self.adapter = None if adapter is None else adapter.to(self.device).eval()
         self.sampler_config = sampler or SamplerConfig()
+        check_sampler(self.dynamics, self.sampler_config)  # e.g. compile with a kind that has no compiled step
         self.generator = torch.Generator(device=self.device)
         self.seed(seed)
-        self._sampler: MaskGITSampler | None = None
+        self._sampler: Any = None  # the kind's sampler (genie.models.kinds.make_sampler), made by begin
         self._decoder_cache: RingKVCache | None = None
         self._decode_new = self.decode_new  # compiled with the sampler's steps when the sampler compiles (begin)
 
@@ -153,7 +168,7 @@ class World:
         return cls(
             VideoTokenizer.from_pretrained(path / "tokenizer"),
             LatentActionModel.from_pretrained(path / "lam"),
-            DynamicsModel.from_pretrained(path / "dynamics"),
+            load_dynamics(path / "dynamics"),
             sampler=sampler,
             device=device,
             seed=seed,
@@ -279,7 +294,7 @@ class World:
         elif actions_BT is None:
             actions_BT = frames_BTHWC.new_zeros(len(frames_BTHWC), 0)
         tokens_BThw = self.tokenizer.encode(frames_BTHWC)
-        self._sampler = MaskGITSampler(self.dynamics, self.sampler_config)
+        self._sampler = make_sampler(self.dynamics, self.sampler_config, self.tokenizer)
         self._sampler.reset(tokens_BThw.flatten(2), actions_BT.long())
         self._decoder_cache = self.tokenizer.make_decoder_cache(ring=True)
         # the new frame's decode and its conversion to uint8 (compiled code is reused across episodes)
@@ -287,10 +302,10 @@ class World:
         decoded = self.tokenizer.decode(tokens_BThw, cache=self._decoder_cache)
         return to_uint8(decoded[:, -1])
 
-    def decode_new(self, tokens_BN: Tensor) -> Tensor:
-        """Decode the newest frame's tokens (B, N) through the decoder's cache: uint8 (B, H, W, C) on the device."""
-        g = self.dynamics.config.grid_size
-        decoded = self.tokenizer.decode(tokens_BN.view(-1, 1, g, g), cache=self._decoder_cache)
+    def decode_new(self, frame_BN: Tensor) -> Tensor:
+        """Decode the newest frame, ids (B, N) or the diffusion kind's code vectors (B, N, Z), through the decoder's
+        cache: uint8 (B, H, W, C) on the device."""
+        decoded = decode_new_frame(self.tokenizer, frame_BN, self.dynamics.config.grid_size, self._decoder_cache)
         return (decoded[:, 0] * 255).round_().to(torch.uint8)  # decode clamps to [0, 1]
 
     @torch.no_grad()
@@ -334,7 +349,7 @@ def write_bundle(
     out: str | Path,
     tokenizer: VideoTokenizer | str | Path,
     lam: LatentActionModel | str | Path,
-    dynamics: DynamicsModel | str | Path,
+    dynamics: AnyDynamics | str | Path,
     sampler: SamplerConfig | None = None,
     adapter: ActionAdapter | str | Path | None = None,
 ) -> Path:
@@ -344,21 +359,21 @@ def write_bundle(
     """
     out = Path(out)
     loaded = []
-    given = [
-        ("tokenizer", tokenizer, VideoTokenizer),
-        ("lam", lam, LatentActionModel),
-        ("dynamics", dynamics, DynamicsModel),
+    given: list[tuple[str, Any, tuple[type, ...], Any]] = [
+        ("tokenizer", tokenizer, (VideoTokenizer,), VideoTokenizer.from_pretrained),
+        ("lam", lam, (LatentActionModel,), LatentActionModel.from_pretrained),
+        ("dynamics", dynamics, DYNAMICS_MODELS, load_dynamics),  # any kind
     ]
     if adapter is not None:
-        given.append(("adapter", adapter, ActionAdapter))
-    for name, part, cls in given:
+        given.append(("adapter", adapter, (ActionAdapter,), ActionAdapter.from_pretrained))
+    for name, part, classes, load in given:
         if isinstance(part, str | Path):
             folder = Path(part)
             if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
                 raise ValueError(f"--{name} {folder} is not an exported model folder (config.json + model.safetensors)")
-            part = cls.from_pretrained(folder)
-        if not isinstance(part, cls):
-            raise ValueError(f"{name} must be a {cls.__name__}, got {type(part).__name__}")
+            part = load(folder)
+        if not isinstance(part, classes):
+            raise ValueError(f"{name} must be a {' or '.join(c.__name__ for c in classes)}, got {type(part).__name__}")
         loaded.append(part)
     check_compatible(*loaded[:3])
     if adapter is not None and loaded[3].config.num_actions != loaded[2].num_actions:
@@ -376,6 +391,7 @@ def write_bundle(
         "version": WORLD_VERSION,
         "parts": {name: type(m).__name__ for name, m in zip(names, loaded, strict=True)},
         "num_actions": loaded[2].num_actions,
+        "dynamics_kind": kind_of(loaded[2]),
         "action_source": loaded[2].config.action_source,  # "true": stepped with the data's own action ids
         "image_size": loaded[0].config.image_size,
         "sampler": dataclasses.asdict(sampler or SamplerConfig()),

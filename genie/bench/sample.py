@@ -42,6 +42,7 @@ SIZE_OPTIONS = {
     "actions": ("num_actions", 8),
     "window": ("num_frames", 16),
     "conditioning": ("action_conditioning", "film"),
+    "kind": ("kind", "maskgit"),
 }
 
 
@@ -66,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="MaskGIT steps per frame (10; a world: its own)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences stepped together (1; a world: 8)")
     parser.add_argument("--conditioning", default=None, choices=["film", "prepend", "add"], help="default film")
+    parser.add_argument(
+        "--kind",
+        default=None,
+        choices=["maskgit", "causal"],
+        help="dynamics kind (default maskgit; causal: cache only)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument(
@@ -79,17 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def time_generation(
     model: Any, args: argparse.Namespace, use_cache: bool, device: torch.device, config: Any = None
 ) -> float:
-    """Seconds per frame of :meth:`MaskGITSampler.next_frame` (``config``: the sampler settings, else defaults)."""
+    """Seconds per frame of the kind's ``sampler.next_frame`` (``config``: the sampler settings, else defaults)."""
     import dataclasses
 
-    from genie.models.sampler import MaskGITSampler, SamplerConfig
+    from genie.models.kinds import make_sampler
+    from genie.models.sampler import SamplerConfig
 
     g = torch.Generator(device=device).manual_seed(0)
     N = args.grid**2
     ctx = torch.randint(0, args.codes, (args.batch_size, args.context, N), device=device, generator=g)
+    if getattr(model.config, "kind", "maskgit") == "diffusion":  # code vectors, not ids
+        Z = model.config.code_dim
+        ctx = torch.nn.functional.normalize(torch.randn(*ctx.shape, Z, device=device, generator=g), dim=-1)
     ctx_actions = torch.randint(0, args.actions, (args.batch_size, args.context - 1), device=device, generator=g)
     base = SamplerConfig() if config is None else config
-    sampler = MaskGITSampler(model, dataclasses.replace(base, steps=args.steps, use_cache=use_cache))
+    sampler = make_sampler(model, dataclasses.replace(base, steps=args.steps, use_cache=use_cache))
     sampler.reset(ctx, ctx_actions)
     action = torch.zeros(args.batch_size, dtype=torch.long, device=device)
     sampler.next_frame(action, g)  # warm-up frame
@@ -141,7 +152,7 @@ def untrained_world(folder: Path, device: torch.device) -> Any:
     ``dynamics.yaml``, e.g. ``configs/coinrun``): its speed is a trained one's, with nothing trained."""
     import yaml
 
-    from genie.models.dynamics import DynamicsConfig, DynamicsModel
+    from genie.models.kinds import build_dynamics, dynamics_config
     from genie.models.lam import LAMConfig, LatentActionModel
     from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
     from genie.world import World
@@ -150,7 +161,7 @@ def untrained_world(folder: Path, device: torch.device) -> Any:
     for name, config_cls, model_cls in (
         ("tokenizer", TokenizerConfig, VideoTokenizer),
         ("lam", LAMConfig, LatentActionModel),
-        ("dynamics", DynamicsConfig, DynamicsModel),
+        ("dynamics", dynamics_config, build_dynamics),  # any kind: the yaml's model.kind
     ):
         path = folder / f"{name}.yaml"
         if not path.is_file():
@@ -183,7 +194,10 @@ def run_world(args: argparse.Namespace) -> dict[str, Any]:
     cfg = base.dynamics.config
     params = sum(p.numel() for m in (base.tokenizer, base.dynamics) for p in m.parameters()) / 1e6
     rows = []
-    for mode in (args.modes or "eager,compiled").split(","):
+    from genie.models.kinds import kind_of
+
+    kind = kind_of(base.dynamics)
+    for mode in (args.modes or ("eager,compiled" if kind == "maskgit" else "eager")).split(","):
         if mode not in ("eager", "compiled"):
             raise ValueError(f"--modes with --world takes eager and compiled, got {mode!r}")
         config = dataclasses.replace(sampler, compile=mode == "compiled")
@@ -200,12 +214,17 @@ def run_world(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"what": "dynamics only", "mode": mode, "batch": 1, "ms_per_step": dt * 1000})
             rows[-1]["frames_per_s"] = 1 / dt
     for row in rows:
-        row.update(device=device.type, steps=sampler.steps, tokens=cfg.tokens_per_frame, params_M=params)
+        # sequential model calls a frame: refinement or denoising steps, or one per token for the causal kind
+        steps = cfg.tokens_per_frame if kind == "causal" else sampler.steps
+        row.update(device=device.type, steps=steps, tokens=cfg.tokens_per_frame, params_M=params)
         row.update(image=base.image_size, temperature=sampler.temperature, unmask=sampler.unmask)
     print(
-        f"world {args.world}: {base.image_size} px, {cfg.tokens_per_frame} tokens a frame, tokenizer + dynamics "
-        f"{params:.2f} M parameters, {sampler.steps} MaskGIT steps ({sampler.unmask} unmasking, "
-        f"temperature {sampler.temperature})"
+        f"world {args.world}: {base.image_size} px, {cfg.tokens_per_frame} tokens a frame, {kind} dynamics, tokenizer "
+        f"+ dynamics {params:.2f} M parameters, "
+        + {"maskgit": f"{sampler.steps} MaskGIT steps ({sampler.unmask} unmasking, ", "causal": "token by token ("}.get(
+            kind, f"{sampler.steps} denoising steps ("
+        )
+        + f"temperature {sampler.temperature})"
     )
     columns = ["what", "mode", "device", "batch", "steps", "ms_per_step", "frames_per_s", "first_step_s"]
     print(format_table(rows, columns))
@@ -216,7 +235,7 @@ def run_world(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from genie.eval.common import pick_device
-    from genie.models.dynamics import DynamicsConfig, DynamicsModel
+    from genie.models.kinds import build_dynamics, dynamics_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,16 +255,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setattr(args, option, fields[field])  # time_generation reads the resolved sizes
     if args.mlp is not None:
         fields["mlp_ratio"] = args.mlp / fields["width"]
-    cfg = DynamicsConfig(**fields)
+    cfg = dynamics_config(fields)
     torch.manual_seed(0)
-    model = DynamicsModel(cfg).to(device).eval()
+    model = build_dynamics(cfg).to(device).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     rows = []
-    for mode in (args.modes or "cache,nocache").split(","):
+    for mode in (args.modes or ("cache,nocache" if cfg.kind == "maskgit" else "cache")).split(","):
         dt = time_generation(model, args, mode == "cache", device)
         rows.append(
             {
                 "mode": mode,
+                "kind": cfg.kind,
                 "device": device.type,
                 "tokens": args.grid**2,
                 "conditioning": cfg.action_conditioning,
@@ -265,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows,
             [
                 "mode",
+                "kind",
                 "device",
                 "tokens",
                 "width",

@@ -50,7 +50,14 @@ def sweep(
 ) -> dict[str, Any]:
     """Evaluate ``world`` under every sampler setting; the rows and the play default (see the module docstring)."""
     from genie.eval.world import evaluate_world
+    from genie.models.kinds import kind_of
 
+    kind = kind_of(world.dynamics)
+    if kind != "maskgit" and (len(steps) > 1 or len(unmasks) > 1):
+        raise ValueError(
+            f"this world's dynamics is of the {kind} kind, which has no MaskGIT steps or unmasking order to sweep: "
+            "leave --steps and --unmask out, and sweep --temperatures"
+        )
     base = world.sampler_config
     rows = []
     settings = list(itertools.product(unmasks, temperatures, steps))
@@ -133,6 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     world = World.from_pretrained(args.world, device=pick_device(args.device))
     own: SamplerConfig = world.sampler_config
+    if args.steps == DEFAULT_STEPS and getattr(world.dynamics.config, "kind", "maskgit") != "maskgit":
+        args.steps = str(own.steps)  # a kind without MaskGIT steps: temperatures only
     unmasks = [own.unmask] if args.unmask is None else [u.strip() for u in args.unmask.split(",") if u.strip()]
     for u in unmasks:
         if u not in UNMASK_MODES:

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from genie.data.loader import DataError
 from genie.eval.common import heldout_stream, pick_device, save_figure, subplots, write_json
 from genie.eval.metrics import frame_psnr, frame_ssim
-from genie.models.sampler import MaskGITSampler, SamplerConfig
+from genie.models.kinds import make_sampler
+from genie.models.sampler import SamplerConfig
 from genie.world import discrete_actions
 
 DELTA_T = 4  # Genie reports ΔtPSNR at t = 4
@@ -82,12 +83,13 @@ def evaluate_world(
         tokens_BThw = world.tokenizer.encode(frames)
         tokens = tokens_BThw.flatten(2)  # (B, T, N)
 
-        # teacher forcing: true past tokens, one fully masked frame at a time
-        sampler = MaskGITSampler(world.dynamics, SamplerConfig(steps=1, temperature=0.0))
+        # teacher forcing: true past frames (MaskGIT: the next frame fully masked; causal: each token after the true
+        # tokens before it; diffusion: the nearest code of the one-step prediction from noise), one frame at a time
+        sampler = make_sampler(world.dynamics, SamplerConfig(steps=1, temperature=0.0), world.tokenizer)
         sampler.reset(tokens[:, :context], actions[:, : context - 1])
         for f in range(horizon):
             a = actions[:, context - 1 + f]
-            pred = sampler.masked_logits(a).argmax(-1)
+            pred = sampler.next_frame_logits(a, tokens[:, context + f]).argmax(-1)
             sums["acc"][f] += (pred == tokens[:, context + f]).float().mean(1).sum().cpu().double()
             sampler.append(tokens[:, context + f], a)
 

@@ -45,68 +45,49 @@ steps: exact likelihood-ordered sampling, paid for in latency.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, final
+from typing import ClassVar, Literal, final
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
-from transformers import PreTrainedConfig
 
-from genie.models.blocks import FrameKVCache, RingKVCache, STTransformer, STTransformerConfig
+from genie.models.blocks import FrameKVCache, RingKVCache
 from genie.models.conditioning import (
+    DynamicsBase,
+    DynamicsCommonConfig,
     action_embedding,
-    check_common,
+    at_least_fp32,
     condition_input,
     condition_output,
+    init_action_embedding,
+    init_neighbours,
     mix_neighbours,
     neighbour_conv,
 )
-from genie.models.hub import GeniePreTrainedModel, register_auto
+from genie.models.hub import register_auto
 
 CAUSAL_CONDITIONINGS = ("film", "add")  # no "prepend": an action token would be one more token to order
 
 
-def at_least_fp32(x: Tensor) -> Tensor:
-    """bf16/fp16 logits in fp32 for the loss and sampling; fp32/fp64 as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 @final  # a plain group of fields to the CLI (jsonargparse), not a class to pick subclasses of
 @strict
-class CausalDynamicsConfig(PreTrainedConfig):
-    """Causal dynamics model hyper-parameters; exactly the model fields of ``config.json``."""
+class CausalDynamicsConfig(DynamicsCommonConfig):
+    """Causal dynamics model hyper-parameters (with the common fields of every kind, DynamicsCommonConfig in
+    genie/models/conditioning.py: there ``num_frames`` is the training clip length T, and temporal attention spans
+    its T - 1 slots; ``spatial_context`` mixes the context halves only); exactly the model fields of ``config.json``."""
 
     model_type = "genie_causal_dynamics"
+    conditionings: ClassVar[tuple[str, ...]] = CAUSAL_CONDITIONINGS
 
     kind: Literal["causal"] = "causal"  # the dynamics kind: next-token prediction in raster order
-    num_codes: int = 1024  # V: the tokenizer's codebook size
-    grid_size: int = 16  # h = w: the tokenizer's token grid (N = grid_size^2 tokens per frame)
-    num_actions: int = 8  # A: the LAM's number of latent actions
-    num_frames: int = 16  # training clip length T; temporal attention spans T - 1 slots; generation slides past it
-    width: int = 512  # D
-    depth: int = 12  # ST blocks
-    num_heads: int = 8  # attention heads (width / num_heads must be even, for RoPE)
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
-    action_conditioning: str = "film"  # "film" (scale+shift of the slot's tokens and outputs) or "add"
-    # "latent" (the LAM's actions, the Genie world) or "true" (the data's own discrete actions): as in DynamicsConfig
-    action_source: str = "latent"
-    dropout: float = 0.0
-    qk_norm: bool = True
-    # each context token's input also mixes in its grid neighbours' embeddings ((2c+1)^2 convolution, residual)
-    spatial_context: int = 1
 
     def __post_init__(self, **kwargs):
-        check_common(self, CAUSAL_CONDITIONINGS)
         if self.num_frames < 2:
             raise ValueError(
                 f"num_frames must be >= 2 (a frame to predict from and one to predict), got {self.num_frames}"
             )
         super().__post_init__(**kwargs)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.grid_size**2
 
     @property
     def bos_id(self) -> int:
@@ -123,7 +104,7 @@ class CausalOutput:
     accuracy: Tensor  # () top-1 accuracy over the same tokens
 
 
-class CausalDynamicsModel(GeniePreTrainedModel):
+class CausalDynamicsModel(DynamicsBase):
     """Next-token dynamics model (see the module docstring)."""
 
     config_class = CausalDynamicsConfig
@@ -134,29 +115,15 @@ class CausalDynamicsModel(GeniePreTrainedModel):
         D, N = config.width, config.tokens_per_frame
         self.token_embed = nn.Embedding(config.num_codes + 1, D)  # + BOS
         self.action_embed = action_embedding(config.num_actions, D, config.action_conditioning == "film")
-        self.transformer = STTransformer(
-            STTransformerConfig(
-                width=D,
-                depth=config.depth,
-                num_heads=config.num_heads,
-                mlp_ratio=config.mlp_ratio,
-                num_spatial_tokens=2 * N,
-                causal_tokens=N,
-                max_frames=config.num_frames - 1,  # slots
-                dropout=config.dropout,
-                qk_norm=config.qk_norm,
-            )
-        )
+        self.transformer = self.make_stack(2 * N, config.num_frames - 1, causal_tokens=N)  # T - 1 slots of 2N
         self.head = nn.Linear(D, config.num_codes)
         self.neighbours = neighbour_conv(D, config.spatial_context)
+        init_neighbours(self.neighbours)
+        init_action_embedding(self.action_embed, D, config.action_conditioning == "film")
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.post_init()
-
-    @property
-    def num_actions(self) -> int:
-        return self.config.num_actions
 
     # -- pieces shared by training and generation ------------------------------------------------------
 
@@ -270,15 +237,10 @@ class CausalSampler:
     @torch.no_grad()
     def reset(self, tokens_BTN: Tensor, actions_BT: Tensor | None = None) -> None:
         """Start new sequences from T >= 1 context frames and the T-1 actions between them."""
-        if tokens_BTN.ndim == 4:
-            tokens_BTN = tokens_BTN.flatten(2)
-        B, T, _ = tokens_BTN.shape
-        if actions_BT is None:
-            actions_BT = tokens_BTN.new_zeros(B, 0)
-        if actions_BT.shape != (B, T - 1):
-            raise ValueError(
-                f"context of {T} frames needs actions of shape {(B, T - 1)}, got {tuple(actions_BT.shape)}"
-            )
+        from genie.models.sampler import context_of
+
+        tokens_BTN, actions_BT = context_of(tokens_BTN, actions_BT)
+        T = tokens_BTN.shape[1]
         self.cache = self.model.transformer.make_cache(ring=True)
         self.frame_cache = FrameKVCache(self.model.config.depth)
         self.open_action_B = None

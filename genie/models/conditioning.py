@@ -11,15 +11,54 @@ own model module with its own config class; the fields they have in common are c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
+from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
+from transformers import PreTrainedConfig
 
-DYNAMICS_KINDS = ("maskgit", "causal")
+from genie.models.blocks import STTransformer, STTransformerConfig
+from genie.models.hub import GeniePreTrainedModel
+
+DYNAMICS_KINDS = ("maskgit", "causal", "diffusion")
 ACTION_SOURCES = ("latent", "true")
 FILM_INIT_STD = 0.3  # initial spread of the action's scales/shifts: strong enough to matter from step 0
+
+
+@strict
+class DynamicsCommonConfig(PreTrainedConfig):
+    """The fields every dynamics kind's config has (each kind's config class adds its own and its ``kind``)."""
+
+    conditionings: ClassVar[tuple[str, ...]] = ("film", "add")  # the kind's action_conditioning choices
+
+    num_codes: int = 1024  # V: the tokenizer's codebook size
+    grid_size: int = 16  # h = w: the tokenizer's token grid (N = grid_size^2 tokens per frame)
+    num_actions: int = 8  # A: the LAM's number of latent actions
+    num_frames: int = 16  # temporal attention window (= training clip length); generation slides past it
+    width: int = 512  # D
+    depth: int = 12  # ST blocks
+    num_heads: int = 8  # attention heads (width / num_heads must be even, for RoPE)
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
+    action_conditioning: str = "film"  # "film" (scale+shift of the frame's tokens and outputs), "add" (+ "prepend")
+    # what the action ids are: "latent" (the LAM's latent actions, the Genie world) or "true" (the data's own discrete
+    # actions from actions.npy, ids 0..num_actions-1: an upper bound that tells the LAM's errors from the dynamics
+    # model's, as GenieRedux-G; such a world is stepped with the environment's actions, and has no use for its LAM)
+    action_source: str = "latent"
+    dropout: float = 0.0
+    qk_norm: bool = True
+    # each token's input also mixes in its neighbours' embeddings (a (2c+1)^2 convolution over the token grid,
+    # residual); 0 is the plain Genie model (see genie/models/dynamics.py for why 1 is the default)
+    spatial_context: int = 1
+
+    def __post_init__(self, **kwargs):
+        check_common(self, self.conditionings)
+        super().__post_init__(**kwargs)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid_size**2
 
 
 def check_common(cfg: Any, conditionings: tuple[str, ...]) -> None:
@@ -34,15 +73,23 @@ def check_common(cfg: Any, conditionings: tuple[str, ...]) -> None:
         raise ValueError(f"spatial_context must be >= 0, got {cfg.spatial_context}")
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """bf16/fp16 outputs in fp32 for a loss or for sampling; fp32/fp64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def action_embedding(num_ids: int, width: int, film: bool) -> nn.Embedding:
-    """The action table: per id, FiLM's (input scale, input shift, output scale, output shift) or one vector."""
-    embed = nn.Embedding(num_ids, 4 * width if film else width)
+    """The action table: per id, FiLM's (input scale, input shift, output scale, output shift) or one vector.
+    Initialised by :func:`init_action_embedding` (a separate call, so a model keeps its order of random draws)."""
+    return nn.Embedding(num_ids, 4 * width if film else width)
+
+
+def init_action_embedding(embed: nn.Embedding, width: int, film: bool) -> None:
     nn.init.normal_(embed.weight, std=0.02)
     if film:  # scales spread from the start (multiplicative: zero would be "no conditioning"), shifts small
         with torch.no_grad():
             embed.weight[:, :width].normal_(std=FILM_INIT_STD)
             embed.weight[:, 2 * width : 3 * width].normal_(std=FILM_INIT_STD)
-    return embed
 
 
 def condition_input(x_BTPD: Tensor, a_BTX: Tensor, conditioning: str) -> Tensor:
@@ -63,13 +110,15 @@ def condition_output(h_BTPD: Tensor, a_BTX: Tensor, conditioning: str) -> Tensor
 
 
 def neighbour_conv(width: int, context: int) -> nn.Conv2d | None:
-    """The ``spatial_context`` convolution over a frame's token grid ((2c+1)^2, residual), or None for 0."""
-    if context <= 0:
-        return None
-    conv = nn.Conv2d(width, width, kernel_size=2 * context + 1, padding=context)
-    nn.init.normal_(conv.weight, std=0.02 / (2 * context + 1))
-    nn.init.zeros_(conv.bias)
-    return conv
+    """The ``spatial_context`` convolution over a frame's token grid ((2c+1)^2, residual), or None for 0.
+    Initialised by :func:`init_neighbours`."""
+    return nn.Conv2d(width, width, kernel_size=2 * context + 1, padding=context) if context > 0 else None
+
+
+def init_neighbours(conv: nn.Conv2d | None) -> None:
+    if conv is not None:  # small: the mix starts as a nudge to each token's own embedding
+        nn.init.normal_(conv.weight, std=0.02 / conv.kernel_size[0])
+        nn.init.zeros_(conv.bias)
 
 
 def mix_neighbours(conv: nn.Conv2d | None, x_BTND: Tensor, grid_size: int) -> Tensor:
@@ -79,3 +128,28 @@ def mix_neighbours(conv: nn.Conv2d | None, x_BTND: Tensor, grid_size: int) -> Te
     B, T = x_BTND.shape[:2]
     grid = rearrange(x_BTND, "b t (h w) d -> (b t) d h w", h=grid_size)
     return x_BTND + rearrange(conv(grid), "(b t) d h w -> b t (h w) d", b=B, t=T)
+
+
+class DynamicsBase(GeniePreTrainedModel):
+    """What every dynamics kind's model has: the action count and its ST stack built from the common fields."""
+
+    @property
+    def num_actions(self) -> int:
+        return self.config.num_actions
+
+    def make_stack(self, tokens: int, frames: int, causal_tokens: int = 0) -> STTransformer:
+        """The ST transformer over ``tokens`` per frame and a window of ``frames``, of the config's size."""
+        cfg = self.config
+        return STTransformer(
+            STTransformerConfig(
+                width=cfg.width,
+                depth=cfg.depth,
+                num_heads=cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                num_spatial_tokens=tokens,
+                causal_tokens=causal_tokens,
+                max_frames=frames,
+                dropout=cfg.dropout,
+                qk_norm=cfg.qk_norm,
+            )
+        )

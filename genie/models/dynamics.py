@@ -79,44 +79,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import final
+from typing import ClassVar, Literal, final
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
-from transformers import PreTrainedConfig
 
-from genie.models.blocks import KVCache, STTransformer, STTransformerConfig
-from genie.models.hub import GeniePreTrainedModel, register_auto
+from genie.models.blocks import KVCache
+from genie.models.conditioning import (
+    DynamicsBase,
+    DynamicsCommonConfig,
+    action_embedding,
+    condition_input,
+    condition_output,
+    init_action_embedding,
+    init_neighbours,
+    mix_neighbours,
+    neighbour_conv,
+)
+from genie.models.hub import register_auto
 
 ACTION_CONDITIONINGS = ("prepend", "add", "film")
-ACTION_SOURCES = ("latent", "true")
 MASK_SCHEDULES = ("uniform", "cosine")
-FILM_INIT_STD = 0.3  # initial spread of the action's scales/shifts: strong enough to matter from step 0
 
 
 @final  # a plain group of fields to the CLI (jsonargparse), not a class to pick subclasses of
 @strict
-class DynamicsConfig(PreTrainedConfig):
-    """Dynamics model hyper-parameters; exactly the model fields of ``config.json``."""
+class DynamicsConfig(DynamicsCommonConfig):
+    """MaskGIT dynamics model hyper-parameters (with the common fields of every kind, DynamicsCommonConfig in
+    genie/models/conditioning.py); exactly the model fields of ``config.json``."""
 
     model_type = "genie_dynamics"
+    conditionings: ClassVar[tuple[str, ...]] = ACTION_CONDITIONINGS  # "prepend": an action token per frame
 
-    num_codes: int = 1024  # V: the tokenizer's codebook size
-    grid_size: int = 16  # h = w: the tokenizer's token grid (N = grid_size^2 tokens per frame)
-    num_actions: int = 8  # A: the LAM's number of latent actions
-    num_frames: int = 16  # temporal attention window (= training clip length); generation slides past it
-    width: int = 512  # D
-    depth: int = 12  # ST blocks
-    num_heads: int = 8  # attention heads (width / num_heads must be even, for RoPE)
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
-    action_conditioning: str = "film"  # "film" (scale+shift), "prepend" (an action token per frame) or "add"
-    # what the action ids are: "latent" (the LAM's latent actions, the Genie world) or "true" (the data's own discrete
-    # actions from actions.npy, ids 0..num_actions-1: an upper bound that tells the LAM's errors from the dynamics
-    # model's, as GenieRedux-G; such a world is stepped with the environment's actions, and has no use for its LAM)
-    action_source: str = "latent"
+    kind: Literal["maskgit"] = "maskgit"  # the dynamics kind (genie/models/kinds.py): masked-token prediction
     # training mask rate of a masked frame: "cosine" draws r = cos(pi/2 u), u ~ U(0, 1) (MaskGIT's schedule: rates
     # down to ~0, as in the sampler's last steps); "uniform" draws r ~ U(mask_rate_min, mask_rate_max) (the regime
     # before these options, with 0.5 and 1; min/max are used by "uniform" only). Defaults measured: module docstring
@@ -130,23 +128,8 @@ class DynamicsConfig(PreTrainedConfig):
     # stay the true ids; loss only on masked tokens): robustness to the sampler's own errors in past frames (1xgpt).
     # Off by default: 0.05 cost 3-13 dB of ΔtPSNR(4) on the sprites at the measured budget (module docstring)
     context_noise: float = 0.0
-    dropout: float = 0.0
-    qk_norm: bool = True
-    # each token's input also mixes in its neighbours' embeddings (a (2c+1)^2 convolution over the token grid,
-    # residual); 0 is the plain Genie model. See the module docstring for why 1 is the default.
-    spatial_context: int = 1
 
     def __post_init__(self, **kwargs):
-        if self.action_conditioning not in ACTION_CONDITIONINGS:
-            raise ValueError(
-                f"action_conditioning must be one of {ACTION_CONDITIONINGS}, got {self.action_conditioning!r}"
-            )
-        if self.action_source not in ACTION_SOURCES:
-            raise ValueError(f"action_source must be one of {ACTION_SOURCES}, got {self.action_source!r}")
-        if self.width % self.num_heads or (self.width // self.num_heads) % 2:
-            raise ValueError(f"width {self.width} / num_heads {self.num_heads} must be an even integer")
-        if self.spatial_context < 0:
-            raise ValueError(f"spatial_context must be >= 0, got {self.spatial_context}")
         if not 0.0 < self.mask_rate_min <= self.mask_rate_max <= 1.0:
             raise ValueError("need 0 < mask_rate_min <= mask_rate_max <= 1")
         if self.mask_schedule not in MASK_SCHEDULES:
@@ -156,10 +139,6 @@ class DynamicsConfig(PreTrainedConfig):
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"context_noise must be in [0, 1), got {self.context_noise}")
         super().__post_init__(**kwargs)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.grid_size**2
 
     @property
     def mask_id(self) -> int:
@@ -181,7 +160,7 @@ class DynamicsOutput:
     mask: Tensor  # (B, T, N) bool, True where the input was masked
 
 
-class DynamicsModel(GeniePreTrainedModel):
+class DynamicsModel(DynamicsBase):
     """Genie's MaskGIT dynamics model (see the module docstring)."""
 
     config_class = DynamicsConfig
@@ -194,38 +173,16 @@ class DynamicsModel(GeniePreTrainedModel):
         # actions 0..A-1, and A = "no action" (the first frame of a clip)
         film = config.action_conditioning == "film"
         # film: per action, (scale, shift) of the input tokens and (scale, shift) of the output features
-        self.action_embed = nn.Embedding(config.num_actions + 1, 4 * D if film else D)
-        self.transformer = STTransformer(
-            STTransformerConfig(
-                width=D,
-                depth=config.depth,
-                num_heads=config.num_heads,
-                mlp_ratio=config.mlp_ratio,
-                num_spatial_tokens=config.tokens_per_frame + config.extra_tokens,
-                max_frames=config.num_frames,
-                dropout=config.dropout,
-                qk_norm=config.qk_norm,
-            )
-        )
+        self.action_embed = action_embedding(config.num_actions + 1, D, film)
+        self.transformer = self.make_stack(config.tokens_per_frame + config.extra_tokens, config.num_frames)
         self.head = nn.Linear(D, config.num_codes)
-        c = config.spatial_context
-        self.neighbours = nn.Conv2d(D, D, kernel_size=2 * c + 1, padding=c) if c > 0 else None
-        if self.neighbours is not None:
-            nn.init.normal_(self.neighbours.weight, std=0.02 / (2 * c + 1))
-            nn.init.zeros_(self.neighbours.bias)
+        self.neighbours = neighbour_conv(D, config.spatial_context)
+        init_neighbours(self.neighbours)  # (this order of random draws keeps the weights of seeded runs as before)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.action_embed.weight, std=0.02)
-        if film:  # scales spread from the start (multiplicative: zero would be "no conditioning"), shifts small
-            with torch.no_grad():
-                self.action_embed.weight[:, :D].normal_(std=FILM_INIT_STD)
-                self.action_embed.weight[:, 2 * D : 3 * D].normal_(std=FILM_INIT_STD)
+        init_action_embedding(self.action_embed, D, film)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.post_init()
-
-    @property
-    def num_actions(self) -> int:
-        return self.config.num_actions
 
     def frame_actions(self, actions_BT: Tensor, first_frame_has_action: bool) -> Tensor:
         """Action index leading to each frame: (B, T') -> (B, T), "no action" (A) for a clip's first frame."""
@@ -236,27 +193,18 @@ class DynamicsModel(GeniePreTrainedModel):
 
     def embed(self, tokens_BTN: Tensor, lead_actions_BT: Tensor) -> Tensor:
         """Token ids (MASK allowed) and the action leading to each frame -> transformer input (B, T, N', D)."""
-        x_BTND = self.token_embed(tokens_BTN)
-        if self.neighbours is not None:
-            B, T = x_BTND.shape[:2]
-            grid = rearrange(x_BTND, "b t (h w) d -> (b t) d h w", h=self.config.grid_size)
-            x_BTND = x_BTND + rearrange(self.neighbours(grid), "(b t) d h w -> b t (h w) d", b=B, t=T)
-        a_BTD = self.action_embed(lead_actions_BT)  # (B, T, 4D) for film
+        x_BTND = mix_neighbours(self.neighbours, self.token_embed(tokens_BTN), self.config.grid_size)
+        a_BTX = self.action_embed(lead_actions_BT)  # (B, T, 4D) for film
         if self.config.action_conditioning == "prepend":
-            return torch.cat([a_BTD[:, :, None, :], x_BTND], dim=2)  # (B, T, 1 + N, D)
-        if self.config.action_conditioning == "film":
-            scale, shift = a_BTD[..., : 2 * x_BTND.shape[-1]].chunk(2, dim=-1)
-            return x_BTND * (1 + scale[:, :, None]) + shift[:, :, None]
-        return x_BTND + a_BTD[:, :, None, :]
+            return torch.cat([a_BTX[:, :, None, :], x_BTND], dim=2)  # (B, T, 1 + N, D)
+        return condition_input(x_BTND, a_BTX, self.config.action_conditioning)
 
     def logits_from(self, h_BTND: Tensor, lead_actions_BT: Tensor | None = None) -> Tensor:
         """Transformer output -> logits over the V codes of the N image tokens: (B, T, N, V)."""
         h_BTND = h_BTND[:, :, self.config.extra_tokens :]
         if self.config.action_conditioning == "film":
             assert lead_actions_BT is not None
-            D = h_BTND.shape[-1]
-            scale, shift = self.action_embed(lead_actions_BT)[..., 2 * D :].chunk(2, dim=-1)
-            h_BTND = h_BTND * (1 + scale[:, :, None]) + shift[:, :, None]
+            h_BTND = condition_output(h_BTND, self.action_embed(lead_actions_BT), "film")
         return self.head(h_BTND)
 
     def step_logits(

@@ -53,6 +53,19 @@ class SamplerConfig:
     where it fails (e.g. no C++ compiler on a CPU machine)."""
 
 
+def context_of(frames: Tensor, actions_BT: Tensor | None, grid: bool = True) -> tuple[Tensor, Tensor]:
+    """A sampler's context, checked: ids (B, T, N) (``grid``: also (B, T, h, w), flattened) or latents (B, T, N, Z)
+    (``grid=False``), and the T-1 actions between the frames (None: none, for a one-frame context)."""
+    if grid and frames.ndim == 4:
+        frames = frames.flatten(2)
+    B, T = frames.shape[:2]
+    if actions_BT is None:
+        actions_BT = torch.zeros(B, 0, dtype=torch.long, device=frames.device)
+    if actions_BT.shape != (B, T - 1):
+        raise ValueError(f"context of {T} frames needs actions of shape {(B, T - 1)}, got {tuple(actions_BT.shape)}")
+    return frames, actions_BT
+
+
 def cosine_masked(num_tokens: int, step: int, steps: int) -> int:
     """Tokens still masked after refinement ``step`` (0-based) of ``steps``: N cos(pi/2 (s+1)/S)."""
     return int(math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / steps)))
@@ -94,15 +107,7 @@ class MaskGITSampler:
     @torch.no_grad()
     def reset(self, tokens_BTN: Tensor, actions_BT: Tensor | None = None) -> None:
         """Start new sequences from T >= 1 context frames and the T-1 actions between them."""
-        if tokens_BTN.ndim == 4:
-            tokens_BTN = tokens_BTN.flatten(2)
-        B, T, _ = tokens_BTN.shape
-        if actions_BT is None:
-            actions_BT = tokens_BTN.new_zeros(B, 0)
-        if actions_BT.shape != (B, T - 1):
-            raise ValueError(
-                f"context of {T} frames needs actions of shape {(B, T - 1)}, got {tuple(actions_BT.shape)}"
-            )
+        tokens_BTN, actions_BT = context_of(tokens_BTN, actions_BT)
         self.history_BTN = tokens_BTN
         self.lead_BT = self.model.frame_actions(actions_BT, first_frame_has_action=False)
         self.cache = None

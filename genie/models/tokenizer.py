@@ -224,6 +224,12 @@ class VideoTokenizer(GeniePreTrainedModel):
         Pass a cache from :meth:`make_decoder_cache` to decode one new frame at a time.
         """
         codes_BTNZ = self.quantizer.lookup(rearrange(ids_BThw, "b t h w -> b t (h w)"))
+        return self.decode_codes(codes_BTNZ, cache, update_cache)
+
+    @torch.no_grad()
+    def decode_codes(self, codes_BTNZ: Tensor, cache: KVCache | None = None, update_cache: bool = True) -> Tensor:
+        """Decode code vectors (B, T, N, Z), the codebook's or any continuous ones (the diffusion dynamics kind's),
+        -> frames (B, T, H, W, C) float in [0, 1]."""
         patches_BTNX = self.decode_latents(codes_BTNZ.to(self.from_code.weight.dtype), cache, update_cache)
         return self.unpatchify((patches_BTNX.float().clamp(-1, 1) + 1) / 2)
 

@@ -1,4 +1,8 @@
-"""Dynamics stage: train the MaskGIT dynamics model on tokens of a frozen tokenizer and actions of a frozen LAM.
+"""Dynamics stage: train a dynamics model on tokens of a frozen tokenizer and actions of a frozen LAM.
+
+``model.kind`` picks the kind (genie/models/kinds.py): ``maskgit`` (Genie's, the default), ``causal`` (next-token
+prediction in raster order) or ``diffusion`` (diffusion forcing over the tokenizer's code vectors: the stage
+feeds it the codes of the batch's tokens); each has its own config fields.
 
 Dimension keys: B batch, T frames, h w token grid, N tokens per frame, V codebook size, A latent actions.
 
@@ -19,8 +23,11 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from genie.models.dynamics import DynamicsConfig, DynamicsModel
+from genie.models.causal import CausalDynamicsConfig
+from genie.models.diffusion import DiffusionDynamicsConfig
+from genie.models.dynamics import DynamicsConfig
 from genie.models.hub import model_fields
+from genie.models.kinds import build_dynamics, dynamics_config
 from genie.models.lam import LAMConfig, LatentActionModel
 from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
 from genie.stages.base import OptimConfig, StageModule
@@ -72,6 +79,13 @@ class FrozenEncoders:
         return self.tokenizer.encode(frames_BTHWC)
 
     @torch.no_grad()
+    def codes(self, ids_BThw: Tensor) -> Tensor:
+        """Token ids (B, T, h, w) -> their code vectors (B, T, N, Z) (the diffusion kind's latents)."""
+        self.load(ids_BThw.device, lam=False)
+        assert self.tokenizer is not None
+        return self.tokenizer.quantizer.lookup(ids_BThw.flatten(2))
+
+    @torch.no_grad()
     def __call__(self, frames_BTHWC: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 frames (B, T, H, W, C) -> token ids (B, T, h, w), latent actions (B, T-1)."""
         self.load(frames_BTHWC.device)
@@ -80,11 +94,12 @@ class FrozenEncoders:
 
 
 class DynamicsStage(StageModule):
-    """LightningModule training a :class:`~genie.models.dynamics.DynamicsModel`.
+    """LightningModule training a dynamics model of any kind (:mod:`genie.models.kinds`).
 
     Args:
-        model: the dynamics model's config; ``num_codes``, ``grid_size`` and ``num_actions`` must match the
-            frozen tokenizer and LAM (checked at construction, with the fix in the error).
+        model: the dynamics model's config, of the kind its ``kind`` names (``maskgit`` by default); ``num_codes``,
+            ``grid_size`` and ``num_actions`` must match the frozen tokenizer and LAM (checked at construction,
+            with the fix in the error).
         tokenizer: exported tokenizer folder (``<run>/export`` of the tokenizer stage).
         lam: exported LAM folder.
         optim: optimizer and schedule.
@@ -94,23 +109,28 @@ class DynamicsStage(StageModule):
 
     def __init__(
         self,
-        model: DynamicsConfig | None = None,
+        model: DynamicsConfig | CausalDynamicsConfig | DiffusionDynamicsConfig | None = None,
         tokenizer: str = "runs/tokenizer/export",
         lam: str = "runs/lam/export",
         optim: OptimConfig | None = None,
     ):
         super().__init__(optim)
-        cfg = model if isinstance(model, DynamicsConfig) else DynamicsConfig(**(model or {}))
+        try:
+            cfg = dynamics_config(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         tok_cfg = read_config(TokenizerConfig, tokenizer, "tokenizer")
         lam_cfg = read_config(LAMConfig, lam, "LAM")
         try:
             check_compatible(tok_cfg, lam_cfg, cfg)
         except ValueError as e:
             fix = f"set model.num_codes={tok_cfg.num_codes}, model.grid_size={tok_cfg.grid_size}, "
-            fix += f"model.num_actions={lam_cfg.num_actions}"
+            fix += f"model.num_actions={lam_cfg.num_actions}" + (
+                f", model.code_dim={tok_cfg.code_dim}" if cfg.kind == "diffusion" else ""
+            )
             raise ConfigMismatch(f"{e} ({fix})") from None
         self.image_size = tok_cfg.image_size
-        self.net = DynamicsModel(cfg)
+        self.net = build_dynamics(cfg)
         self.frozen = FrozenEncoders(tokenizer, lam)
         self.save_plain_hparams(model=model_fields(cfg), tokenizer=str(tokenizer), lam=str(lam))
 
@@ -141,14 +161,24 @@ class DynamicsStage(StageModule):
             )
         return actions
 
+    def net_inputs(self, tokens: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """What the kind's model reads: the token ids, or for the diffusion kind their code vectors (B, T, N, Z)."""
+        if self.net.config.kind != "diffusion":
+            return tokens, actions
+        trained = getattr(self, "tokenizer", None)  # a fine-tune that trains the tokenizer: its own codebook
+        if trained is not None:
+            return trained.quantizer.lookup(tokens.flatten(2)), actions
+        return self.frozen.codes(tokens), actions
+
     def training_loss(self, batch: dict[str, Any]) -> Tensor:
-        tokens, actions = self.inputs(batch)
-        return self.net(tokens, actions).loss
+        return self.net(*self.net_inputs(*self.inputs(batch))).loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        tokens, actions = self.inputs(batch)
-        out = self.net(tokens, actions)
-        self.log_dict({"train/loss": out.loss, "train/accuracy": out.accuracy}, on_step=True, on_epoch=False)
+        out = self.net(*self.net_inputs(*self.inputs(batch)))
+        metrics = {"train/loss": out.loss}
+        if hasattr(out, "accuracy"):  # token kinds
+            metrics["train/accuracy"] = out.accuracy
+        self.log_dict(metrics, on_step=True, on_epoch=False)
         self.log_data_stats(batch)
         return out.loss
 
@@ -165,9 +195,12 @@ class DynamicsStage(StageModule):
         configured), so they move with the regime's options and do not compare across them.
         """
         n = tokens.shape[0]
-        last = self.net.next_frame_output(tokens, actions)
-        self.log("val/next_frame_accuracy", last.accuracy, batch_size=n, sync_dist=True, prog_bar=True)
-        self.log("val/next_frame_loss", last.loss, batch_size=n, sync_dist=True)
-        out = self.net(tokens, actions)  # the training objective
+        inputs = self.net_inputs(tokens, actions)
+        last = self.net.next_frame_output(*inputs)
+        if hasattr(last, "accuracy"):  # token kinds (diffusion: the loss is the one-step prediction's error)
+            self.log("val/next_frame_accuracy", last.accuracy, batch_size=n, sync_dist=True, prog_bar=True)
+        self.log("val/next_frame_loss", last.loss, batch_size=n, sync_dist=True, prog_bar=not hasattr(last, "accuracy"))
+        out = self.net(*inputs)  # the training objective
         self.log("val/loss", out.loss, batch_size=n, sync_dist=True)
-        self.log("val/accuracy", out.accuracy, batch_size=n, sync_dist=True)
+        if hasattr(out, "accuracy"):
+            self.log("val/accuracy", out.accuracy, batch_size=n, sync_dist=True)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from genie.models.adapter import ActionAdapter, AdapterConfig
-from genie.models.dynamics import DynamicsConfig, DynamicsModel
+from genie.models.kinds import build_dynamics, load_dynamics, read_dynamics_config
 from genie.models.lam import LAMConfig, LatentActionModel
 from genie.models.sampler import SamplerConfig
 from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
@@ -90,9 +90,9 @@ class FinetuneStage(DynamicsStage):
         self.image_size = tok_cfg.image_size
         scratch = init == "scratch"
         if scratch and train_dynamics:  # the same architecture, fresh weights (seeded by seed_everything)
-            self.net = DynamicsModel(read_config(DynamicsConfig, root / "dynamics", "dynamics"))
+            self.net = build_dynamics(read_dynamics_config(root / "dynamics"))
         else:
-            self.net = DynamicsModel.from_pretrained(root / "dynamics")
+            self.net = load_dynamics(root / "dynamics")
         self.net.requires_grad_(train_dynamics)
         self.train_dynamics = train_dynamics
         # trained parts are submodules (optimised and checkpointed); frozen ones are loaded lazily, never saved
@@ -181,9 +181,10 @@ class FinetuneStage(DynamicsStage):
         tokens, actions, losses = self.encode(batch["frames"])
         logs: dict[str, Tensor] = {}
         if self.train_dynamics:
-            out = self.net(tokens, actions)
+            out = self.net(*self.net_inputs(tokens, actions))
             losses["dynamics"] = out.loss
-            logs["train/accuracy"] = out.accuracy
+            if hasattr(out, "accuracy"):  # token kinds
+                logs["train/accuracy"] = out.accuracy
         adapted = self.adapter_output(batch, actions)
         if adapted is not None:
             losses["adapter"] = self.adapter_weight * adapted.loss

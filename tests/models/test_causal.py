@@ -72,8 +72,8 @@ def test_the_action_changes_the_prediction():
 
 @pytest.mark.parametrize("frames,context", [(4, 1), (4, 3), (3, 2)])
 def test_teacher_forced_sampler_matches_the_full_forward_past_the_window(frames, context):
-    """The caches (ring of past slots, frame cache of the open slot) give the full forward's logits, token by
-    token and all at once; beyond the training window the sampler slides (compared with the last window)."""
+    """The caches (ring of past slots, frame cache of the open slot) give the full forward's logits all at once
+    while the history fits the window, and token by token the same logits as all at once, past it too."""
     m = tiny(frames)
     T = frames + 3
     tokens, actions = clip(T=T)
@@ -84,7 +84,7 @@ def test_teacher_forced_sampler_matches_the_full_forward_past_the_window(frames,
         full = m(tokens[:, lo : f + 1], actions[:, lo:f]).logits[:, -1]  # (B, N, V)
         a = actions[:, f - 1]
         got = sampler.next_frame_logits(a, tokens[:, f])
-        if f - context < frames - 1:  # inside the first window the reach is the same as the full forward's
+        if lo == 0:  # while the whole history fits the window, the cache equals the full forward
             torch.testing.assert_close(got, full, rtol=0, atol=1e-10)
         # one token at a time through the frame cache: the same logits
         inputs = torch.cat([torch.full((2, 1), V), tokens[:, f, :-1]], 1)

@@ -202,26 +202,42 @@ def plain_sprites_tokenizer(plain_sprites_shards: Path, tmp_path_factory: pytest
 
 
 @pytest.fixture(scope="session")
-def sprites_world(
+def sprites_tokens(
     plain_sprites_shards: Path, plain_sprites_tokenizer: tuple, plain_sprites_lam: tuple, tmp_path_factory
 ) -> Path:
-    """The tiny world (configs/tiny/*) trained on the plain sprites: a world bundle folder (~2.7 min on 2 cores)."""
-    sprites_shards = plain_sprites_shards
+    """The plain sprites' training clips as token shards of the tiny world's tokenizer and LAM (genie prep tokenize)."""
     from genie.cli import main
 
-    root = tmp_path_factory.mktemp("world")
+    tokens = tmp_path_factory.mktemp("sprites_tokens") / "train"
+    args = ["prep", "tokenize", "--data", str(plain_sprites_shards / "train"), "--out", str(tokens)]
     tok, lam = str(plain_sprites_tokenizer[0]), str(plain_sprites_lam[0])
-    tokens = root / "tokens"
-    args = ["prep", "tokenize", "--data", str(sprites_shards / "train"), "--out", str(tokens / "train")]
     assert main([*args, "--tokenizer", tok, "--lam", lam, "--device", "cpu"]) == 0  # (no validation: no val tokens)
-    stage, _ = train_from_config(
-        "tiny/dynamics.yaml", str(tokens / "train"), max_steps=700, tokenizer=tok, lam=lam
-    )  # 700 of the config's 1000 steps: the world learning test passes with a wide margin
+    return tokens
+
+
+def train_world(config: str, steps: int, tokens: Path, tokenizer: tuple, lam: tuple, root: Path, **overrides) -> Path:
+    """Train the dynamics stage of ``configs/<config>`` on the sprites' token shards and export a world bundle."""
+    from genie.cli import main
+
+    tok, la = str(tokenizer[0]), str(lam[0])
+    stage, _ = train_from_config(config, str(tokens), max_steps=steps, tokenizer=tok, lam=la, **overrides)
     dyn = stage.export(root / "dynamics")
     world = root / "bundle"
-    args = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", str(dyn), "--out", str(world)]
+    args = ["export", "world", "--tokenizer", tok, "--lam", la, "--dynamics", str(dyn), "--out", str(world)]
     assert main(args) == 0
     return world
+
+
+@pytest.fixture(scope="session")
+def sprites_world(
+    sprites_tokens: Path, plain_sprites_tokenizer: tuple, plain_sprites_lam: tuple, tmp_path_factory
+) -> Path:
+    """The tiny world (configs/tiny/*, MaskGIT) trained on the plain sprites: a world bundle folder.
+
+    700 of the config's 1000 dynamics steps: the world learning test passes with a wide margin.
+    """
+    root = tmp_path_factory.mktemp("world")
+    return train_world("tiny/dynamics.yaml", 700, sprites_tokens, plain_sprites_tokenizer, plain_sprites_lam, root)
 
 
 @pytest.fixture(scope="session")
@@ -232,3 +248,31 @@ def robot_shards_24(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("robot24") / "shards"
     return make_robot_shards(out, 24, 24, 24, "--max-episode-frames", "48", "--action-repeat", "6")
+
+
+@pytest.fixture(scope="session")
+def causal_sprites_world(
+    sprites_tokens: Path, plain_sprites_tokenizer: tuple, plain_sprites_lam: tuple, tmp_path_factory
+) -> Path:
+    """The tiny world with the causal dynamics kind (configs/tiny/dynamics_causal.yaml) on the same tokenizer, LAM
+    and token shards as :func:`sprites_world`: a world bundle folder."""
+    root = tmp_path_factory.mktemp("causal_world")
+    config = "tiny/dynamics_causal.yaml"
+    return train_world(config, CAUSAL_STEPS, sprites_tokens, plain_sprites_tokenizer, plain_sprites_lam, root)
+
+
+CAUSAL_STEPS = 600  # the causal world learning test's budget (test_world_learning.py says why not fewer)
+
+
+@pytest.fixture(scope="session")
+def diffusion_sprites_world(
+    sprites_tokens: Path, plain_sprites_tokenizer: tuple, plain_sprites_lam: tuple, tmp_path_factory
+) -> Path:
+    """The tiny world with the diffusion dynamics kind (configs/tiny/dynamics_diffusion.yaml) on the same tokenizer,
+    LAM and token shards as :func:`sprites_world`: a world bundle folder."""
+    root = tmp_path_factory.mktemp("diffusion_world")
+    config = "tiny/dynamics_diffusion.yaml"
+    return train_world(config, DIFFUSION_STEPS, sprites_tokens, plain_sprites_tokenizer, plain_sprites_lam, root)
+
+
+DIFFUSION_STEPS = 600  # the diffusion world learning test's budget (test_world_learning.py says why)

@@ -200,3 +200,41 @@ def test_true_action_world_trains_exports_and_is_evaluated_on_the_clips_actions(
         world.infer_actions(np.zeros((3, 24, 24, 3), np.uint8))
     r = evaluate_world(world, str(sprites_shards / "val"), horizon=2, max_clips=4)
     assert r["action_source"] == "true" and r["num_actions"] == num_true and r["clips"] == 4
+
+
+CAUSAL = str(ROOT / "configs" / "tiny" / "dynamics_causal.yaml")
+DIFFUSION = str(ROOT / "configs" / "tiny" / "dynamics_diffusion.yaml")
+
+
+@pytest.mark.parametrize(
+    "config,extra,kind",
+    [
+        (CAUSAL, ["--model.init_args.model.width=32"], "causal"),  # a dotted override keeps the config's kind
+        (TINY, ["--model.init_args.model.kind=causal", "--model.init_args.model.width=32"], "causal"),  # switches it
+        (CAUSAL, ["--model.init_args.model.kind=maskgit", "--model.init_args.model.width=32"], "maskgit"),
+        (DIFFUSION, ["--model.init_args.model.width=32", "--model.init_args.model.code_dim=8"], "diffusion"),
+    ],
+)
+def test_model_kind_trains_exports_and_steps_as_a_world(config, extra, kind, token_shards, frozen, tmp_path):
+    """``model.kind`` picks the dynamics model through the CLI (jsonargparse alone turned a dotted override of a
+    causal config into a MaskGIT model), the checkpoint resumes as that kind, and the export steps in a World."""
+    from genie.world import World, write_bundle
+
+    root = tmp_path / "run"
+    assert main([*fit_args(config, token_shards, root, *frozen, "--trainer.max_steps=2", *extra)]) == 0
+    cfg = json.loads((root / "export" / "config.json").read_text())
+    assert cfg["kind"] == kind and cfg["width"] == 32
+    stage = load_stage_checkpoint(root / "checkpoints" / "last.ckpt")
+    assert stage.net.config.kind == kind
+    world = World.from_pretrained(write_bundle(tmp_path / "world", *frozen, root / "export"), seed=0)
+    assert world.dynamics.config.kind == kind
+    assert json.loads((tmp_path / "world" / "world.json").read_text())["dynamics_kind"] == kind
+    world.reset(np.zeros((24, 24, 3), np.uint8))
+    assert world.step(1).shape == (24, 24, 3)
+
+
+def test_unknown_model_kind_is_one_line(token_shards, frozen, tmp_path, capsys):
+    args = fit_args(TINY, token_shards, tmp_path / "run", *frozen, "--model.init_args.model.kind=gan")
+    assert main([*args, "--model.init_args.model.width=32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: model.kind='gan': choose one of maskgit, causal, diffusion"

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from genie.cli import main
 
 HORIZON = 4
@@ -81,11 +83,11 @@ def test_sampler_sweep_picks_the_fewest_steps_within_tolerance(
 def test_causal_world_is_controllable_and_predicts(
     causal_sprites_world: Path, plain_sprites_shards: Path, tmp_path: Path
 ):
-    """The causal dynamics kind (configs/tiny/dynamics_causal.yaml, 600 steps) on the same tokenizer, LAM and tokens:
-    the same two properties, with wider bars. Measured (2026-12-07, Zen 3 EPYC, this chain: tokenizer 400 steps,
-    LAM 300): dynamics seeds 0 / 1 / 2 at 600 steps gave ΔtPSNR(4) +35.0 / +36.6 / +34.2 dB and PSNR 50.1 / 50.1 /
-    50.1 dB against 23.7 for copying the prompt; at 400 steps seed 0 gave only +5.9 dB and 26.8 dB (on the demo's
-    LAM of 400 steps, 400 were enough: +34.1 / +28.7 / +34.1), so not fewer."""
+    """The causal dynamics kind (configs/tiny/dynamics_causal.yaml on 4-frame windows, 600 steps, ~75 s) on the same
+    tokenizer, LAM and tokens: the same two properties, with wider bars. Measured (2026-12-07, Zen 3 EPYC, this
+    chain: tokenizer 400 steps, LAM 300): dynamics seeds 0 / 1 / 2 gave ΔtPSNR(4) +32.8 / +35.5 / +34.4 dB and PSNR
+    49.0 / 50.1 / 49.4 dB against 23.7 for copying the prompt (the config's 6-frame windows: +35.0 / +36.6 / +34.2,
+    50.1 dB each, in 1.5x the time). At 400 steps (6 frames) seed 0 gave only +5.9 dB and 26.8 dB: not fewer."""
     from genie.world import World
 
     assert World.from_pretrained(causal_sprites_world).dynamics.config.kind == "causal"
@@ -94,11 +96,15 @@ def test_causal_world_is_controllable_and_predicts(
     assert r["psnr_mean"] > r["copy_psnr_mean"] + 8.0
 
 
+@pytest.mark.slow  # 1000 dynamics steps, ~2.5 min on the Zen 3 EPYC; fewer do not learn the action (below)
 def test_diffusion_world_is_controllable_and_predicts(
     diffusion_sprites_world: Path, plain_sprites_shards: Path, tmp_path: Path
 ):
-    """The diffusion dynamics kind (configs/tiny/dynamics_diffusion.yaml) on the same tokenizer, LAM and tokens,
-    4 denoising steps from a zero start: the same two properties."""
+    """The diffusion dynamics kind (configs/tiny/dynamics_diffusion.yaml, 1000 steps) on the same tokenizer, LAM
+    and tokens, 4 denoising steps from a zero start: the same two properties. Measured (2026-12-07, Zen 3 EPYC): at
+    600 steps dynamics seeds 0 / 1 / 2 gave ΔtPSNR(4) -0.6 / +1.1 / +0.5 dB and PSNR 18.9 / 19.7 / 19.2 dB against
+    23.7 for copying (not yet using the action); at 1000 steps seed 0 gave +23.5 dB and 43.9 dB. On the demo's LAM
+    (400 steps) 1000 steps gave +18.3 dB and 35.5 dB over 8 steps (copy 21.7)."""
     from genie.world import World
 
     assert World.from_pretrained(diffusion_sprites_world).dynamics.config.kind == "diffusion"

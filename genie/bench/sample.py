@@ -161,7 +161,7 @@ def untrained_world(folder: Path, device: torch.device) -> Any:
     for name, config_cls, model_cls in (
         ("tokenizer", TokenizerConfig, VideoTokenizer),
         ("lam", LAMConfig, LatentActionModel),
-        ("dynamics", dynamics_config, build_dynamics),  # any kind: the yaml's model.kind
+        ("dynamics", lambda **fields: dynamics_config(fields), build_dynamics),  # any kind: the yaml's model.kind
     ):
         path = folder / f"{name}.yaml"
         if not path.is_file():

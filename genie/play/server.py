@@ -42,6 +42,7 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
+from genie.models.kinds import check_sampler
 from genie.play.keys import arrow_actions, parse_arrows
 from genie.world import World
 
@@ -408,7 +409,9 @@ def build_app(args: argparse.Namespace) -> PlayApp:
 
     world = World.from_pretrained(args.world, device=pick_device(args.device), seed=args.seed)
     if args.compile:
-        world.sampler_config = dataclasses.replace(world.sampler_config, compile=True)
+        compiled = dataclasses.replace(world.sampler_config, compile=True)
+        check_sampler(world.dynamics, compiled)  # a kind without a compiled step: one line, before the server starts
+        world.sampler_config = compiled
         print("compiling the world's step on the first frame (seconds to a minute; cached for later runs)", flush=True)
     prompts = load_prompts(world, args.world, args.prompt, args.data, args.num_prompts)
     if prompts[0].name == "grey":

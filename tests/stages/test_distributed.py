@@ -199,7 +199,12 @@ def dynamics_ddp(sprites_shards: Path, frozen, tmp_path_factory) -> tuple[Path, 
 
 
 # the LAM's run (~16 s) under -m slow: the tokenizer's covers gradient checkpointing, the dynamics' per-rank masks
-@pytest.mark.parametrize("stage", ["tokenizer", pytest.param("lam", marks=pytest.mark.slow), "dynamics"])
+# the default suite runs one stage's 2-rank run (the same StageModule/loader path for all three; the tokenizer's
+# takes ~30 s on 2 cores, the dynamics' ~17 s); `-m slow` runs the other two
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("stage", [pytest.param("tokenizer", marks=SLOW), pytest.param("lam", marks=SLOW), "dynamics"])
 def test_ddp_ranks_see_different_clips_and_end_identical(stage: str, request):
     root, ranks = request.getfixturevalue(f"{stage}_ddp")
     keys0, keys1 = set(ranks[0]["keys"]), set(ranks[1]["keys"])

@@ -211,7 +211,6 @@ DIFFUSION = str(ROOT / "configs" / "tiny" / "dynamics_diffusion.yaml")
     [
         (CAUSAL, ["--model.init_args.model.width=32"], "causal"),  # a dotted override keeps the config's kind
         (TINY, ["--model.init_args.model.kind=causal", "--model.init_args.model.width=32"], "causal"),  # switches it
-        (CAUSAL, ["--model.init_args.model.kind=maskgit", "--model.init_args.model.width=32"], "maskgit"),
         (DIFFUSION, ["--model.init_args.model.width=32", "--model.init_args.model.code_dim=8"], "diffusion"),
     ],
 )

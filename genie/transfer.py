@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from genie.data.loader import DataError, expand_shards, probe_meta
+from genie.models.hub import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("pretrained", "scratch")
@@ -169,7 +170,7 @@ def arm_argv(args: argparse.Namespace, arm: str) -> list[str]:
     argv += [f"--data.val_shards={args.robot / 'val'}", "--trainer.limit_val_batches=0"]  # the curve evaluates
     argv += [f"--trainer.max_steps={args.steps}", f"--checkpoint_every={args.steps}"]
     argv += [f"--trainer.default_root_dir={root}", "--trainer.logger=false", f"--seed_everything={args.seed}"]
-    window = json.loads((args.pretrained / "dynamics" / "config.json").read_text())["num_frames"]
+    window = read_json(args.pretrained / "dynamics" / "config.json")["num_frames"]  # (a damaged one: one line)
     argv += [f"--data.num_frames={window}"]  # the world's window (--fit may say otherwise)
     argv += [f"--trainer.callbacks+={json.dumps(curve)}", *args.fit]
     return argv
@@ -191,7 +192,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         )
     if not args.config.is_file():
         raise FileNotFoundError(f"--config {args.config} does not exist")
-    size = json.loads((args.pretrained / "tokenizer" / "config.json").read_text())["image_size"]
+    size = read_json(args.pretrained / "tokenizer" / "config.json")["image_size"]
     sets = {"--robot train": args.robot / "train", "--robot val": args.robot / "val"}
     if args.unseen:
         sets["--unseen"] = args.unseen

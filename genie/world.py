@@ -69,7 +69,7 @@ def check_compatible(tokenizer: Any, lam: Any, dynamics: Any) -> None:
         problems.append(f"dynamics num_actions={dyn.num_actions} but the LAM has {la.num_actions} actions")
     if la.image_size != tok.image_size:
         problems.append(f"LAM image_size={la.image_size} but the tokenizer's is {tok.image_size}")
-    if getattr(dyn, "kind", "maskgit") == "diffusion":  # it predicts the tokenizer's code vectors
+    if kind_of(dyn) == "diffusion":  # it predicts the tokenizer's code vectors
         if getattr(tok, "codebook", "latent") != "latent":
             problems.append("the diffusion dynamics needs a tokenizer with a latent codebook (codebook='latent')")
         elif dyn.code_dim != tok.code_dim:

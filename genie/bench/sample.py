@@ -89,13 +89,13 @@ def time_generation(
     """Seconds per frame of the kind's ``sampler.next_frame`` (``config``: the sampler settings, else defaults)."""
     import dataclasses
 
-    from genie.models.kinds import make_sampler
+    from genie.models.kinds import kind_of, make_sampler
     from genie.models.sampler import SamplerConfig
 
     g = torch.Generator(device=device).manual_seed(0)
     N = args.grid**2
     ctx = torch.randint(0, args.codes, (args.batch_size, args.context, N), device=device, generator=g)
-    if getattr(model.config, "kind", "maskgit") == "diffusion":  # code vectors, not ids
+    if kind_of(model) == "diffusion":  # code vectors, not ids
         Z = model.config.code_dim
         ctx = torch.nn.functional.normalize(torch.randn(*ctx.shape, Z, device=device, generator=g), dim=-1)
     ctx_actions = torch.randint(0, args.actions, (args.batch_size, args.context - 1), device=device, generator=g)

@@ -136,11 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from genie.models.kinds import kind_of
     from genie.world import World
 
     world = World.from_pretrained(args.world, device=pick_device(args.device))
     own: SamplerConfig = world.sampler_config
-    if args.steps == DEFAULT_STEPS and getattr(world.dynamics.config, "kind", "maskgit") != "maskgit":
+    if args.steps == DEFAULT_STEPS and kind_of(world.dynamics) != "maskgit":
         args.steps = str(own.steps)  # a kind without MaskGIT steps: temperatures only
     unmasks = [own.unmask] if args.unmask is None else [u.strip() for u in args.unmask.split(",") if u.strip()]
     for u in unmasks:

@@ -2,9 +2,96 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The sprites learning chain (tests/stages/conftest.py: tokenizer, LAM, token shards, worlds) is session-scoped and
+# is most of the suite's time. Under pytest-xdist (pyproject's addopts: 2 workers) the modules that use it are one
+# unit of work, sent first to one worker, so the chain is built once while the other worker takes the rest.
+SPRITES_CHAIN = {
+    "plain_sprites_shards",
+    "plain_sprites_tokenizer",
+    "plain_sprites_lam",
+    "sprites_tokens",
+    "sprites_world",
+    "causal_sprites_world",
+    "diffusion_sprites_world",
+}
+SPRITES_CHAIN_MODULES = {
+    f"tests/stages/test_{name}.py"
+    for name in ("tokenizer_learning", "lam_learning", "world_learning", "finetune_learning", "transfer_learning")
+}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """One unit of work for the sprites chain's modules, one per test elsewhere, the largest unit first.
+
+    (Not ``--dist loadgroup``: with pytest 9.2 its ``xdist_group`` marks no longer group anything, see the README.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SpritesChainScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "sprites_chain" if _module(nodeid) in SPRITES_CHAIN_MODULES else nodeid
+
+    return SpritesChainScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SPRITES_CHAIN & set(getattr(item, "fixturenames", ())) and _module(item.nodeid) not in SPRITES_CHAIN_MODULES:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the sprites chain's fixtures: add its module to SPRITES_CHAIN_MODULES in "
+                "tests/conftest.py, so that xdist builds the chain once"
+            )
+
+
+def _xdist_shared_dir() -> Path | None:
+    """A folder every xdist worker of this run sees: the run's pytest base folder (None outside xdist)."""
+    shared = os.environ.get("GENIE_TESTS_SHARED")
+    return Path(shared) if shared and os.environ.get("PYTEST_XDIST_WORKER") else None
+
+
+def worker_threads() -> int:
+    """torch threads for this xdist worker: the cores split among the workers still running (so the worker that
+    builds the sprites chain gets every core once the others are done); outside xdist, what torch has."""
+    shared = _xdist_shared_dir()
+    if shared is None:
+        import torch
+
+        return torch.get_num_threads()
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    running = max(1, workers - len(list(shared.glob("*.done"))))
+    return max(1, (os.cpu_count() or 1) // running)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shared = _xdist_shared_dir()
+    if shared is not None:  # this worker is out of work: its cores are free for the others
+        (shared / f"{os.environ['PYTEST_XDIST_WORKER']}.done").touch()  # (a file per worker, in this run's folder)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads_per_worker(tmp_path_factory: pytest.TempPathFactory):
+    """Under xdist each worker (and the processes its tests start) gets its share of the cores: two workers with
+    two OpenMP threads each on two cores slow every parallel step several-fold (../shared/PITFALLS.md)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        # each worker's base folder is <the run's>/popen-gwN: the run's is shared (and cleaned up by pytest)
+        os.environ["GENIE_TESTS_SHARED"] = str(tmp_path_factory.getbasetemp().parent)
+        threads = worker_threads()
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    yield
+
 
 # A tiny CoinRun dataset: 4 training episodes of up to 96 frames -> ~24 clips of 16 frames at
 # 64x64 in shards of 8 (several shards, so loaders can split them by rank and worker), and 2

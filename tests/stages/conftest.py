@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
+
+from tests.conftest import worker_threads
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +116,14 @@ def cli_fit_args(config: str, shards: Path, root: Path, *extra: str, batch_size:
     ]
 
 
+class FreedCores(Callback):
+    """Under xdist, take the cores of workers that have finished (tests/conftest.py: worker_threads) every 20 steps."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx % 20 == 0 and (threads := worker_threads()) != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+
 def train_from_config(
     config: str,
     train_shards: str,
@@ -153,6 +164,7 @@ def train_from_config(
         pin_memory=False,
     )
     trainer = Trainer(
+        callbacks=[FreedCores()],
         max_steps=max_steps or cfg["trainer"]["max_steps"],
         logger=False,
         enable_checkpointing=False,

@@ -17,6 +17,7 @@ from genie.cli import main
 BUDGET_MINUTES = 0.5
 METRICS = [
     "tokenizer_psnr", "tokenizer_ssim", "tokenizer_codebook_usage", "lam_codes_used", "lam_nmi",
+    "lam_nmi_effective", "lam_nmi_effective_chance", "lam_nmi_effective_adjusted", "lam_transitions",
     "rollout_psnr_10_from_1", "rollout_ssim_10_from_1", "delta_psnr_t4", "teacher_forced_token_accuracy",
 ]  # fmt: skip
 
@@ -55,6 +56,7 @@ def test_the_report_has_every_metric_and_a_summary_picture(speedrun):
         assert isinstance(m[key], float | int) and math.isfinite(m[key]), key
     assert len(m["rollout_psnr_per_step"]) == len(m["rollout_ssim_per_step"]) == 16
     assert m["eval_clips"] > 0 and report["data"]["clips"] > 0 and report["preset"] == "cpu"
+    assert m["lam_transitions"] == 19 * m["eval_clips"]  # the LAM slides over every transition of the clips
     assert Path(png).stat().st_size > 10_000
     assert (out / "run" / "world" / "world.json").is_file()
     from PIL import Image

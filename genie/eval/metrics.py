@@ -83,3 +83,27 @@ def nmi_from_contingency(table: Tensor) -> float:
     if denom <= 0:
         return 0.0
     return float((mi / denom).clamp(0, 1))
+
+
+def nmi_chance(table: Tensor, draws: int = 20, seed: int = 0) -> float:
+    """The NMI that *independent* labelings with this table's marginals score on as many samples.
+
+    NMI is biased upwards on a finite sample: two unrelated labelings of 96 transitions into 6 codes and 9 classes
+    score ~0.14, of 1000 transitions ~0.01. This is the mean NMI over ``draws`` random pairings of the table's row
+    and column labels (a permutation test's null), so a reported NMI can be read against it.
+    """
+    rows = torch.repeat_interleave(torch.arange(table.shape[0]), table.sum(1).long())
+    cols = torch.repeat_interleave(torch.arange(table.shape[1]), table.sum(0).long())
+    if rows.numel() == 0:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    scores = [
+        nmi_from_contingency(contingency(rows, cols[torch.randperm(cols.numel(), generator=g)], *table.shape))
+        for _ in range(draws)
+    ]
+    return sum(scores) / draws
+
+
+def adjusted_nmi(nmi: float, chance: float) -> float:
+    """NMI rescaled so that chance (:func:`nmi_chance`) is 0 and a perfect match 1 (negative: below chance)."""
+    return (nmi - chance) / (1 - chance) if chance < 1 else 0.0

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from genie.cli import main
+from genie.eval.actions import COINRUN_EFFECTIVE
+from genie.eval.metrics import adjusted_nmi, contingency, nmi_chance, nmi_from_contingency
 from genie.models.lam import LAMConfig, LatentActionModel
 
 
@@ -86,12 +90,34 @@ def test_eval_lam_on_coinrun_reports_raw_and_effective_nmi(coinrun_shards, tmp_p
     report = json.loads((out / "lam_eval.json").read_text())
     assert report["data_source"] == "coinrun" and report["clips"] == 8
     for key in ("nmi", "nmi_effective", "nmi_movement"):
-        assert 0 <= report[key] <= 1, key
+        assert 0 <= report[key] <= 1 and 0 <= report[f"{key}_chance"] <= 1, key
+        assert report[f"{key}_adjusted"] == adjusted_nmi(report[key], report[f"{key}_chance"])
+    assert report["transitions_with_true_actions"] == 8 * 3
     assert len(report["effective_action_classes"]) == 9 and len(report["movement_action_classes"]) == 6
     assert report["effective_action_classes"][4] == [4, 9, 10, 11, 12, 13, 14]
     assert 0 <= report["train_eval_agreement"] <= 1
     printed = capsys.readouterr().out
     assert "effective actions" in printed and "agree with training mode" in printed
+    assert "chance" in printed and "on 24 transitions" in printed
+    # clips longer than the LAM's 4-frame window: it slides, and every transition counts
+    assert main([*args[:-1], "12", "--clips", "8", "--batch-size", "4", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads((out / "lam_eval.json").read_text())["transitions_with_true_actions"] == 8 * 11
+
+
+def test_chance_nmi_is_what_unrelated_labels_score_and_adjusted_nmi_removes_it():
+    g = torch.Generator().manual_seed(0)
+    effective = torch.tensor(COINRUN_EFFECTIVE)
+    for n, biased in ((96, True), (5000, False)):
+        true = effective[torch.randint(0, 15, (n,), generator=g)]
+        unrelated = torch.randint(0, 6, (n,), generator=g)
+        table = contingency(unrelated, true, 6, 9)
+        nmi, chance = nmi_from_contingency(table), nmi_chance(table)
+        assert (nmi > 0.08) == biased and (chance > 0.08) == biased  # 96 samples: ~0.14 for nothing at all
+        assert abs(adjusted_nmi(nmi, chance)) < 0.2 and abs(nmi - chance) < 0.05
+        same = contingency(true % 6, true, 6, 9)  # the codes determine the classes up to merging some
+        assert nmi_from_contingency(same) > 0.7 and adjusted_nmi(nmi_from_contingency(same), nmi_chance(same)) > 0.65
+    perfect = contingency(true, true, 9, 9)
+    assert nmi_from_contingency(perfect) == 1.0 and adjusted_nmi(1.0, nmi_chance(perfect)) == 1.0
 
 
 def test_data_source_of_unreadable_shards_is_unknown(tmp_path):

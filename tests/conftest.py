@@ -72,6 +72,14 @@ def worker_threads() -> int:
     return max(1, (os.cpu_count() or 1) // running)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under xdist, note the run's shared folder: each worker's base folder (``--basetemp``, which xdist sets) is
+    ``<the run's>/popen-gwN``. Here and not in a fixture: a worker that gets no tests must still say it is done."""
+    basetemp = session.config.option.basetemp
+    if os.environ.get("PYTEST_XDIST_WORKER") and basetemp:
+        os.environ["GENIE_TESTS_SHARED"] = str(Path(basetemp).parent)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     shared = _xdist_shared_dir()
     if shared is not None:  # this worker is out of work: its cores are free for the others
@@ -79,14 +87,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _threads_per_worker(tmp_path_factory: pytest.TempPathFactory):
+def _threads_per_worker():
     """Under xdist each worker (and the processes its tests start) gets its share of the cores: two workers with
     two OpenMP threads each on two cores slow every parallel step several-fold (../shared/PITFALLS.md)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
-        # each worker's base folder is <the run's>/popen-gwN: the run's is shared (and cleaned up by pytest)
-        os.environ["GENIE_TESTS_SHARED"] = str(tmp_path_factory.getbasetemp().parent)
         threads = worker_threads()
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)

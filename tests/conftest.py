@@ -31,17 +31,24 @@ def _module(nodeid: str) -> str:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """One unit of work for the sprites chain's modules, one per test elsewhere, the largest unit first.
+    """One unit of work for the sprites chain's modules, one per test elsewhere (:func:`work_unit`), the largest
+    unit first.
 
-    (Not ``--dist loadgroup``: with pytest 9.2 its ``xdist_group`` marks no longer group anything, see the README.)
+    (Not ``--dist loadgroup``: under pytest 9.2 its ``xdist_group`` marks group nothing, because xdist tags a test
+    by setting ``item._nodeid`` and pytest 9.2 reads ``item._id``.)
     """
     from xdist.scheduler import LoadScopeScheduling
 
     class SpritesChainScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "sprites_chain" if _module(nodeid) in SPRITES_CHAIN_MODULES else nodeid
+            return work_unit(nodeid)
 
     return SpritesChainScheduling(config, log)
+
+
+def work_unit(nodeid: str) -> str:
+    """The xdist unit of work a test belongs to: ``sprites_chain`` for the chain's modules, else the test itself."""
+    return "sprites_chain" if _module(nodeid) in SPRITES_CHAIN_MODULES else nodeid
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,7 +13,8 @@ from tests.conftest import worker_threads
 
 @pytest.fixture(autouse=True)
 def _cpu_threads():
-    """Both cores for the math; restore afterwards (DataLoader workers set their own)."""
+    """Restore torch's thread count after each test (a test, or :class:`FreedCores` under xdist, may change it;
+    DataLoader workers set their own)."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)

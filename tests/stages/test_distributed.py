@@ -198,9 +198,9 @@ def dynamics_ddp(sprites_shards: Path, frozen, tmp_path_factory) -> tuple[Path, 
     return root, fit_2_ranks(LARGE_DYNAMICS, sprites_shards, root, *DYNAMICS_ARGS, *frozen_args)
 
 
-# the LAM's run (~16 s) under -m slow: the tokenizer's covers gradient checkpointing, the dynamics' per-rank masks
-# the default suite runs one stage's 2-rank run (the same StageModule/loader path for all three; the tokenizer's
-# takes ~30 s on 2 cores, the dynamics' ~17 s); `-m slow` runs the other two
+# the default suite runs one stage's 2-rank run, the dynamics' (~17 s on 2 cores; it covers the per-rank MaskGIT
+# masks, and the StageModule/loader path is the same for all three); `-m slow` runs the tokenizer's (~30 s; it
+# covers gradient checkpointing) and the LAM's (~16 s)
 SLOW = pytest.mark.slow
 
 

@@ -34,7 +34,12 @@ def sampler_from(args: argparse.Namespace, base: SamplerConfig | None = None) ->
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="exported tokenizer folder")
-    parser.add_argument("--lam", type=Path, required=True, help="exported LAM folder")
+    parser.add_argument(
+        "--lam",
+        type=Path,
+        default=None,
+        help="exported LAM folder (default: DYNAMICS/lam, where a dynamics stage that trained its LAM jointly put it)",
+    )
     parser.add_argument("--dynamics", type=Path, required=True, help="exported dynamics folder")
     parser.add_argument("--adapter", type=Path, default=None, help="optional exported action adapter folder")
     parser.add_argument("--out", type=Path, required=True, help="the world bundle folder to write")
@@ -44,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     from genie.world import write_bundle
 
-    out = write_bundle(args.out, args.tokenizer, args.lam, args.dynamics, sampler_from(args), args.adapter)
+    lam = args.lam
+    if lam is None:
+        lam = args.dynamics / "lam"
+        if not (lam / "config.json").is_file():
+            raise ValueError(f"pass --lam: {args.dynamics} has no jointly trained LAM in {lam}")
+    out = write_bundle(args.out, args.tokenizer, lam, args.dynamics, sampler_from(args), args.adapter)
     print(f"world bundle written to {out} (load it with genie.World.from_pretrained({str(out)!r}))")
     return out

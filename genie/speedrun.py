@@ -49,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         sampler_temperature=0.0,
         sampler_unmask="confidence",
         eval_clips=32,
+        lam_training="frozen",
     ),
     "gpu": dict(
         episodes=2000,
@@ -59,6 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         sampler_temperature=1.0,
         sampler_unmask="random",
         eval_clips=256,
+        lam_training="frozen",
     ),
 }
 
@@ -171,6 +173,8 @@ def build_world(args: argparse.Namespace, preset: dict[str, Any], dynamics: str,
     from genie.world import World
 
     tok, lam, dyn = (str(args.out / s / "export") for s in ("tokenizer", "lam", dynamics))
+    if (Path(dyn) / "lam" / "config.json").is_file():  # the dynamics stage trained its LAM jointly: that one
+        lam = str(Path(dyn) / "lam")
     argv = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", dyn, "--out", str(args.out / name)]
     argv += ["--steps", str(preset["sampler_steps"]), "--temperature", str(preset["sampler_temperature"])]
     run_genie([*argv, "--unmask", preset["sampler_unmask"]], name)
@@ -238,7 +242,8 @@ def true_action_bound(args: argparse.Namespace, preset: dict[str, Any], seconds:
     ]
     record = fit_stage("dynamics", args, preset, seconds, extra, name="dynamics_true_actions")
     world = build_world(args, preset, "dynamics_true_actions", "world_true_actions", device)
-    wld = evaluate_world(world, str(args.data / "val"), context=1, horizon=HORIZON, max_clips=preset["eval_clips"])
+    clips = preset["eval_clips"]
+    wld = evaluate_world(world, str(args.data / "val"), context=1, horizon=HORIZON, max_clips=clips, seed=args.seed)
     return {
         "steps": record["global_step"],
         "train_seconds": record["train_seconds"],
@@ -335,6 +340,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shares", default=",".join(map(str, DEFAULT_SHARES)), help="tokenizer,lam,dynamics time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--lam-training",
+        choices=("frozen", "joint"),
+        default=None,
+        help="frozen: the dynamics stage reads the LAM stage's actions (Genie); joint: it trains that LAM on "
+        "through the dynamics loss (default: the preset's)",
+    )
+    parser.add_argument(
         "--true-actions",
         action="store_true",
         help="also train the dynamics stage (same time, not counted in the budget) on the data's true actions "
@@ -358,11 +370,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
     report["data"] = prepare_data(args, preset)
+    report["lam_training"] = args.lam_training or preset["lam_training"]
 
     budget = args.budget_minutes * 60
     report["stages"] = {}
     for stage, share in zip(STAGES, shares, strict=True):
         extra = frozen_overrides(args.out) if stage == "dynamics" else []
+        if stage == "dynamics" and report["lam_training"] == "joint":
+            extra.append("--model.init_args.lam_training=joint")
         report["stages"][stage] = fit_stage(stage, args, preset, budget * share, extra) | {"share": round(share, 3)}
     train_seconds = sum(s["wall_seconds"] for s in report["stages"].values())
 
@@ -398,7 +413,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for s, r in report["stages"].items()
         )
         + f"\n  tokenizer PSNR {metrics['tokenizer_psnr']:.2f} dB, SSIM {metrics['tokenizer_ssim']:.3f}"
-        + f"\n  LAM NMI with the true actions {num(nmi)} (effective actions {num(metrics['lam_nmi_effective'])}; "
+        + f"\n  LAM{' (trained on jointly with the dynamics)' if report['lam_training'] == 'joint' else ''} "
+        f"NMI with the true actions {num(nmi)} (effective actions {num(metrics['lam_nmi_effective'])}; "
         f"chance {num(metrics['lam_nmi_effective_chance'])} on {metrics['lam_transitions'] or 0} transitions), "
         f"codes used {metrics['lam_codes_used']}, eval/training codes agree {metrics['lam_train_eval_agreement']:.1%}"
         + f"\n  world, 10 frames from 1: PSNR {metrics['rollout_psnr_10_from_1']:.2f} dB, "

@@ -358,6 +358,15 @@ def write_bundle(
     Checks that they fit together.
     """
     out = Path(out)
+    # a dynamics stage with lam_training="joint" exports the LAM it trained beside it: no other LAM's codes fit it
+    joint_lam = Path(dynamics) / "lam" if isinstance(dynamics, str | Path) else None
+    if joint_lam is not None and (joint_lam / "config.json").is_file():
+        other = not isinstance(lam, str | Path) or Path(lam).resolve() != joint_lam.resolve()
+        if other:
+            raise ValueError(
+                f"--dynamics {dynamics} was trained jointly with its LAM: pass --lam {joint_lam} (the LAM it learned "
+                "its actions from), not another"
+            )
     loaded = []
     given: list[tuple[str, Any, tuple[type, ...], Any]] = [
         ("tokenizer", tokenizer, (VideoTokenizer,), VideoTokenizer.from_pretrained),

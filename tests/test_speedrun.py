@@ -26,7 +26,9 @@ METRICS = [
 def speedrun(tmp_path_factory, coinrun_shards) -> tuple[Path, dict, str]:  # coinrun_shards: skips without procgen
     out = tmp_path_factory.mktemp("speedrun")
     args = ["speedrun", "--budget-minutes", str(BUDGET_MINUTES), "--out", str(out / "run"), "--data", str(out / "data")]
-    assert main([*args, "--episodes", "16", "--preset", "cpu", "--true-actions"]) == 0
+    # --lam-training joint: the LAM trains on inside the dynamics stage (the default, frozen, is the same path less
+    # that stage's one option), so the plumbing of both is covered: the world must take the dynamics stage's LAM
+    assert main([*args, "--episodes", "16", "--preset", "cpu", "--true-actions", "--lam-training", "joint"]) == 0
     return out, json.loads((out / "run" / "speedrun.json").read_text()), str(out / "run" / "speedrun.png")
 
 
@@ -59,6 +61,14 @@ def test_the_report_has_every_metric_and_a_summary_picture(speedrun):
     assert m["lam_transitions"] == 19 * m["eval_clips"]  # the LAM slides over every transition of the clips
     assert Path(png).stat().st_size > 10_000
     assert (out / "run" / "world" / "world.json").is_file()
+    from safetensors.torch import load_file
+
+    assert report["lam_training"] == "joint"
+    joint, trained_apart, in_world = (
+        load_file(out / "run" / p / "model.safetensors") for p in ("dynamics/export/lam", "lam/export", "world/lam")
+    )
+    assert all(joint[k].equal(in_world[k]) for k in joint)  # the world plays with the LAM the dynamics learned
+    assert not joint["to_code.weight"].equal(trained_apart["to_code.weight"])  # which trained on in that stage
     from PIL import Image
 
     with Image.open(out / "run" / "rollouts.gif") as gif:  # real | inferred actions | each of the 6 latent actions

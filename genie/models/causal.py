@@ -58,8 +58,10 @@ from genie.models.conditioning import (
     DynamicsCommonConfig,
     action_embedding,
     at_least_fp32,
+    check_actions,
     condition_input,
     condition_output,
+    embed_actions,
     init_action_embedding,
     init_neighbours,
     mix_neighbours,
@@ -147,22 +149,22 @@ class CausalDynamicsModel(DynamicsBase):
 
         Args:
             tokens: (B, T, h, w) or (B, T, N) long token ids from the tokenizer.
-            actions: (B, T-1) long actions; ``actions[:, t]`` leads from frame t to frame t+1.
+            actions: (B, T-1) long actions; ``actions[:, t]`` leads from frame t to frame t+1 (or weights
+                (B, T-1, A), see :func:`~genie.models.conditioning.check_actions`).
 
         Returns:
             CausalOutput with the cross entropy over every token of frames 1..T-1.
         """
         tokens_BTN = tokens.flatten(2) if tokens.ndim == 4 else tokens
         B, T, N = tokens_BTN.shape
-        if actions.shape != (B, T - 1):
-            raise ValueError(f"actions must be (B, T-1) = {(B, T - 1)}, got {tuple(actions.shape)}")
+        check_actions(actions, B, T)
         if T < 2:
             raise ValueError("a clip needs at least 2 frames (one to predict from, one to predict)")
         # -- slots: context = frames 0..T-2, targets = frames 1..T-1 (shifted right behind BOS) --
         context_BSN, target_BSN = tokens_BTN[:, :-1], tokens_BTN[:, 1:]
         bos_BS1 = target_BSN.new_full((B, T - 1, 1), self.config.bos_id)
         inputs_BSN = torch.cat([bos_BS1, target_BSN[:, :, :-1]], dim=2)
-        a_BSX = self.action_embed(actions)
+        a_BSX = embed_actions(self.action_embed, actions)
         # -- the stack over (B, S, 2N, D) --
         x_BSPD = torch.cat([self.embed_context(context_BSN, a_BSX), self.embed_generation(inputs_BSN, a_BSX)], dim=2)
         h_BSPD = self.transformer(x_BSPD)

@@ -84,6 +84,38 @@ def action_embedding(num_ids: int, width: int, film: bool) -> nn.Embedding:
     return nn.Embedding(num_ids, 4 * width if film else width)
 
 
+def check_actions(actions: Tensor, B: int, T: int) -> None:
+    """Actions of a (B, T)-frame clip: ids (B, T-1) long, or weights over the actions (B, T-1, A) float.
+
+    Weights are what a LAM trained through the dynamics loss gives (``DynamicsStage(lam_training="joint")``): a
+    straight-through one-hot, equal to the chosen id's one-hot in the forward pass, whose gradient reaches the LAM.
+    """
+    if actions.shape[:2] != (B, T - 1) or actions.ndim != (3 if actions.is_floating_point() else 2):
+        expected = f"ids (B, T-1) = {(B, T - 1)} or weights (B, T-1, A)"
+        raise ValueError(f"actions must be {expected}, got {tuple(actions.shape)}")
+
+
+def embed_actions(embed: nn.Embedding, actions: Tensor) -> Tensor:
+    """The action table's rows: ids (...) long -> (..., X), or weights (..., A') float -> their mix of the first A'
+    rows (a one-hot gives exactly its id's row; gradient flows to the weights)."""
+    if not actions.is_floating_point():
+        return embed(actions)
+    table_AX = embed.weight[: actions.shape[-1]]
+    return actions.to(table_AX.dtype) @ table_AX
+
+
+def lead_with_no_action(actions: Tensor, num_actions: int) -> Tensor:
+    """The action leading to each frame: (B, T-1) -> (B, T) with "no action" (id A) for a clip's first frame; weights
+    (B, T-1, A) -> (B, T, A+1), the first frame one-hot on A."""
+    B = actions.shape[0]
+    if not actions.is_floating_point():
+        return torch.cat([actions.new_full((B, 1), num_actions), actions], dim=1)
+    weights = torch.cat([actions, actions.new_zeros(*actions.shape[:2], 1)], dim=-1)  # (B, T-1, A+1)
+    none = torch.zeros_like(weights[:, :1])
+    none[..., num_actions] = 1
+    return torch.cat([none, weights], dim=1)
+
+
 def init_action_embedding(embed: nn.Embedding, width: int, film: bool) -> None:
     nn.init.normal_(embed.weight, std=0.02)
     if film:  # scales spread from the start (multiplicative: zero would be "no conditioning"), shifts small

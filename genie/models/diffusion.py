@@ -51,10 +51,13 @@ from genie.models.conditioning import (
     DynamicsCommonConfig,
     action_embedding,
     at_least_fp32,
+    check_actions,
     condition_input,
     condition_output,
+    embed_actions,
     init_action_embedding,
     init_neighbours,
+    lead_with_no_action,
     mix_neighbours,
     neighbour_conv,
 )
@@ -132,9 +135,8 @@ class DiffusionDynamicsModel(DynamicsBase):
         self.post_init()
 
     def lead_actions(self, actions_BT: Tensor) -> Tensor:
-        """Action leading to each frame: (B, T-1) -> (B, T), "no action" (A) for the first frame."""
-        none = actions_BT.new_full((actions_BT.shape[0], 1), self.config.num_actions)
-        return torch.cat([none, actions_BT], dim=1)
+        """Action leading to each frame: (B, T-1) -> (B, T), "no action" (A) for the first frame (or weights)."""
+        return lead_with_no_action(actions_BT, self.config.num_actions)
 
     def denoise(
         self,
@@ -147,7 +149,7 @@ class DiffusionDynamicsModel(DynamicsBase):
         """Clean scaled latents (B, T, N, Z) predicted from noised ones at levels ``t_BT`` (after cached frames)."""
         x_BTND = mix_neighbours(self.neighbours, self.latent_in(x_BTNZ), self.config.grid_size)
         x_BTND = x_BTND + self.noise_embed(noise_features(t_BT).to(x_BTND.dtype))[:, :, None]
-        a_BTX = self.action_embed(lead_BT)
+        a_BTX = embed_actions(self.action_embed, lead_BT)
         h_BTND = self.transformer(
             condition_input(x_BTND, a_BTX, self.config.action_conditioning), cache=cache, update_cache=update_cache
         )
@@ -169,15 +171,15 @@ class DiffusionDynamicsModel(DynamicsBase):
 
         Args:
             latents: (B, T, N, Z) code vectors of the clip's tokens (unit norm, as the tokenizer's codebook).
-            actions: (B, T-1) long actions; ``actions[:, t]`` leads from frame t to frame t+1.
+            actions: (B, T-1) long actions; ``actions[:, t]`` leads from frame t to frame t+1 (or weights
+                (B, T-1, A), see :func:`~genie.models.conditioning.check_actions`).
             noise_BT: optional (B, T) noise levels instead of the random training ones.
 
         Returns:
             DiffusionOutput with the mean squared error of the scaled latents over the noised frames.
         """
         B, T, N, Z = latents.shape
-        if actions.shape != (B, T - 1):
-            raise ValueError(f"actions must be (B, T-1) = {(B, T - 1)}, got {tuple(actions.shape)}")
+        check_actions(actions, B, T)
         x0_BTNZ = latents * self.config.latent_scale
         t_BT = self.noise_levels(B, T, latents.device) if noise_BT is None else noise_BT
         eps_BTNZ = torch.randn_like(x0_BTNZ)

@@ -92,10 +92,13 @@ from genie.models.conditioning import (
     DynamicsBase,
     DynamicsCommonConfig,
     action_embedding,
+    check_actions,
     condition_input,
     condition_output,
+    embed_actions,
     init_action_embedding,
     init_neighbours,
+    lead_with_no_action,
     mix_neighbours,
     neighbour_conv,
 )
@@ -185,16 +188,16 @@ class DynamicsModel(DynamicsBase):
         self.post_init()
 
     def frame_actions(self, actions_BT: Tensor, first_frame_has_action: bool) -> Tensor:
-        """Action index leading to each frame: (B, T') -> (B, T), "no action" (A) for a clip's first frame."""
+        """Action index leading to each frame: (B, T') -> (B, T), "no action" (A) for a clip's first frame (weights
+        (B, T', A) likewise, see :func:`~genie.models.conditioning.lead_with_no_action`)."""
         if first_frame_has_action:
             return actions_BT
-        none = actions_BT.new_full((actions_BT.shape[0], 1), self.config.num_actions)
-        return torch.cat([none, actions_BT], dim=1)
+        return lead_with_no_action(actions_BT, self.config.num_actions)
 
     def embed(self, tokens_BTN: Tensor, lead_actions_BT: Tensor) -> Tensor:
         """Token ids (MASK allowed) and the action leading to each frame -> transformer input (B, T, N', D)."""
         x_BTND = mix_neighbours(self.neighbours, self.token_embed(tokens_BTN), self.config.grid_size)
-        a_BTX = self.action_embed(lead_actions_BT)  # (B, T, 4D) for film
+        a_BTX = embed_actions(self.action_embed, lead_actions_BT)  # (B, T, 4D) for film
         if self.config.action_conditioning == "prepend":
             return torch.cat([a_BTX[:, :, None, :], x_BTND], dim=2)  # (B, T, 1 + N, D)
         return condition_input(x_BTND, a_BTX, self.config.action_conditioning)
@@ -204,7 +207,7 @@ class DynamicsModel(DynamicsBase):
         h_BTND = h_BTND[:, :, self.config.extra_tokens :]
         if self.config.action_conditioning == "film":
             assert lead_actions_BT is not None
-            h_BTND = condition_output(h_BTND, self.action_embed(lead_actions_BT), "film")
+            h_BTND = condition_output(h_BTND, embed_actions(self.action_embed, lead_actions_BT), "film")
         return self.head(h_BTND)
 
     def step_logits(
@@ -261,7 +264,8 @@ class DynamicsModel(DynamicsBase):
 
         Args:
             tokens: (B, T, h, w) or (B, T, N) long token ids from the tokenizer.
-            actions: (B, T-1) long latent actions; ``actions[:, t]`` leads from frame t to frame t+1.
+            actions: (B, T-1) long latent actions; ``actions[:, t]`` leads from frame t to frame t+1. Or weights
+                (B, T-1, A) float: a straight-through one-hot from a LAM trained through this loss.
             mask: optional (B, T, N) bool mask to use instead of a random MaskGIT mask; with it the unmasked
                 tokens are not corrupted (``context_noise`` is part of the random training objective only).
 
@@ -270,8 +274,7 @@ class DynamicsModel(DynamicsBase):
         """
         tokens_BTN = tokens.flatten(2) if tokens.ndim == 4 else tokens
         B, T, N = tokens_BTN.shape
-        if actions.shape != (B, T - 1):
-            raise ValueError(f"actions must be (B, T-1) = {(B, T - 1)}, got {tuple(actions.shape)}")
+        check_actions(actions, B, T)
         if mask is None:  # the training objective: random mask, corrupted context
             mask_BTN = self.random_mask((B, T, N), tokens_BTN.device)
             inputs_BTN = self.corrupt_context(tokens_BTN, mask_BTN).masked_fill(mask_BTN, self.config.mask_id)

@@ -189,6 +189,7 @@ class LAMOutput:
     ids: Tensor  # (B, T-1) long latent action of each transition
     usage: Tensor  # () fraction of the A codes used in the batch
     perplexity: Tensor  # () action code perplexity of the batch
+    latents: Tensor  # (B, T-1, Z) the normalised action latents the codes were matched to (with gradient)
 
 
 class PatchEmbed(nn.Module):
@@ -474,7 +475,8 @@ class LatentActionModel(GeniePreTrainedModel):
         if frames.shape[1] < 2:
             raise ValueError(f"the LAM needs clips of at least 2 frames, got {frames.shape[1]}")
         patches_BTNX = self.patchify(frames_to_unit(frames))  # (B, T, N, X) in [-1, 1]
-        vq = self.quantizer(self.encode_latents(patches_BTNX))  # actions of the T-1 transitions
+        latents_BTZ = self.encode_latents(patches_BTNX)
+        vq = self.quantizer(latents_BTZ)  # actions of the T-1 transitions
         pred_BTNX = self.decode_next(patches_BTNX[:, :-1], vq.quantized)  # (B, T-1, N, X): frames 2..T
         target_BTNX = patches_BTNX[:, 1:]
         recon_loss = F.mse_loss(pred_BTNX.float(), target_BTNX)
@@ -487,7 +489,22 @@ class LatentActionModel(GeniePreTrainedModel):
             ids=vq.ids,
             usage=vq.usage,
             perplexity=vq.perplexity,
+            latents=latents_BTZ,
         )
+
+    def straight_through_actions(self, out: LAMOutput, temperature: float) -> Tensor:
+        """The actions of :meth:`forward`'s output as weights a dynamics model reads: (B, T-1, A), float.
+
+        The forward value is each transition's one-hot (exactly its id: the dynamics model sees what
+        ``infer_actions`` would give it); the backward pass is that of softmax(cosine(latent, code) / temperature),
+        so a loss on the dynamics model's predictions moves the encoder (and the codebook) towards the code that
+        would have served that loss better. This is how the LAM trains through the dynamics loss
+        (``DynamicsStage(lam_training="joint")``).
+        """
+        sim_BTA = F.normalize(out.latents.float(), dim=-1) @ self.quantizer.codes().T
+        soft_BTA = (sim_BTA / temperature).softmax(dim=-1)
+        hard_BTA = F.one_hot(out.ids, self.num_actions).to(soft_BTA.dtype)
+        return hard_BTA + (soft_BTA - soft_BTA.detach())  # exactly the one-hot forward: the difference is 0
 
 
 register_auto(LAMConfig, LatentActionModel)

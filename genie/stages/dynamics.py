@@ -1,4 +1,4 @@
-"""Dynamics stage: train a dynamics model on tokens of a frozen tokenizer and actions of a frozen LAM.
+"""Dynamics stage: train a dynamics model on tokens of a frozen tokenizer and actions of a (frozen) LAM.
 
 ``model.kind`` picks the kind (genie/models/kinds.py): ``maskgit`` (Genie's, the default), ``causal`` (next-token
 prediction in raster order) or ``diffusion`` (diffusion forcing over the tokenizer's code vectors: the stage
@@ -11,8 +11,18 @@ by the frozen models, under ``no_grad``: the actions are stop-gradient) or token
 ``genie prep tokenize`` (``tokens`` + ``latent_actions`` already in the batch: no tokenizer or LAM
 forward pass at all). With ``model.action_source=true`` the actions are the clips' own (``actions.npy``,
 discrete ids) instead of the LAM's: an upper-bound world that tells the LAM's errors from the dynamics
-model's (the LAM is then never loaded). The frozen models are loaded from their exported folders, lazily and only when a
-batch needs them, and are not part of the stage's checkpoint: the checkpoint holds the dynamics model.
+model's (the LAM is then never loaded). The frozen models are loaded from their exported folders, lazily and only
+when a batch needs them, and are not part of the stage's checkpoint: the checkpoint holds the dynamics model.
+
+``lam_training="joint"`` trains the LAM on with the dynamics model instead of keeping it frozen (Jasmine's
+co-training; GenieRedux found a LAM trained apart gave worse actions). The LAM starts from its export, reads each
+batch's frames in training mode, and its actions reach the dynamics model as a straight-through one-hot
+(:meth:`~genie.models.lam.LatentActionModel.straight_through_actions`): the forward pass is exactly the chosen ids,
+the backward pass moves the LAM's encoder towards the codes that would have lowered the dynamics loss. The loss is
+the dynamics loss plus ``lam_loss_weight`` times the LAM's own (next-frame reconstruction + VQ), which keeps its
+decoder, and so ``genie eval lam``, meaningful. The LAM is then part of the stage's checkpoint and is exported
+beside the dynamics model as ``<export>/lam``: the only LAM whose codes this dynamics model knows (``genie export
+world`` refuses another).
 """
 
 from __future__ import annotations
@@ -28,13 +38,15 @@ from genie.models.diffusion import DiffusionDynamicsConfig
 from genie.models.dynamics import DynamicsConfig
 from genie.models.hub import model_fields
 from genie.models.kinds import build_dynamics, dynamics_config
-from genie.models.lam import LAMConfig, LatentActionModel
+from genie.models.lam import NORM_BATCH, NORM_CALIBRATING, LAMConfig, LAMOutput, LatentActionModel
 from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
 from genie.stages.base import OptimConfig, StageModule
 from genie.train import ConfigError
 from genie.world import check_compatible, discrete_actions
 
 C = TypeVar("C")
+LAM_TRAINING = ("frozen", "joint")
+JOINT_LAM_FOLDER = "lam"  # the jointly trained LAM's export, inside the dynamics stage's export folder
 
 
 class ConfigMismatch(ConfigError):
@@ -103,9 +115,16 @@ class DynamicsStage(StageModule):
         tokenizer: exported tokenizer folder (``<run>/export`` of the tokenizer stage).
         lam: exported LAM folder.
         optim: optimizer and schedule.
+        lam_training: "frozen" (Genie: the LAM was trained apart; its actions are inputs, without gradient) or
+            "joint" (the LAM, started from ``lam``, trains on through the dynamics loss; see the module docstring).
+            Joint training needs video shards and latent actions.
+        lam_loss_weight: with ``lam_training="joint"``, the weight of the LAM's own loss beside the dynamics loss.
+        action_temperature: with ``lam_training="joint"``, the softmax temperature of the straight-through
+            one-hot's backward pass, over cosine similarities in [-1, 1] (lower: closer to the hard choice).
     """
 
     config_class = DynamicsConfig
+    lam_training = "frozen"  # a class default too: subclasses that build their parts themselves (fine-tuning) keep it
 
     def __init__(
         self,
@@ -113,8 +132,15 @@ class DynamicsStage(StageModule):
         tokenizer: str = "runs/tokenizer/export",
         lam: str = "runs/lam/export",
         optim: OptimConfig | None = None,
+        lam_training: str = "frozen",
+        lam_loss_weight: float = 1.0,
+        action_temperature: float = 0.1,
     ):
         super().__init__(optim)
+        if lam_training not in LAM_TRAINING:
+            raise ConfigError(f"lam_training must be one of {', '.join(LAM_TRAINING)}, not {lam_training!r}")
+        if lam_loss_weight < 0 or action_temperature <= 0:
+            raise ConfigError("lam_loss_weight must be >= 0 and action_temperature > 0")
         try:
             cfg = dynamics_config(model)
         except ValueError as e:
@@ -132,7 +158,25 @@ class DynamicsStage(StageModule):
         self.image_size = tok_cfg.image_size
         self.net = build_dynamics(cfg)
         self.frozen = FrozenEncoders(tokenizer, lam)
-        self.save_plain_hparams(model=model_fields(cfg), tokenizer=str(tokenizer), lam=str(lam))
+        self.lam_training, self.lam_loss_weight, self.action_temperature = (
+            lam_training,
+            lam_loss_weight,
+            action_temperature,
+        )
+        self.lam: LatentActionModel | None = None
+        if lam_training == "joint":
+            if cfg.action_source == "true":
+                raise ConfigError("lam_training=joint trains the LAM, but model.action_source=true uses no LAM")
+            # a submodule: trained, in the optimizer and in the checkpoint (a resumed run overwrites these weights)
+            self.lam = LatentActionModel.from_pretrained(lam)
+        self.save_plain_hparams(
+            model=model_fields(cfg),
+            tokenizer=str(tokenizer),
+            lam=str(lam),
+            lam_training=lam_training,
+            lam_loss_weight=lam_loss_weight,
+            action_temperature=action_temperature,
+        )
 
     def expected_resolution(self) -> int:
         return self.image_size
@@ -145,9 +189,27 @@ class DynamicsStage(StageModule):
         if self.net.config.action_source == "true":
             tokens = batch["tokens"].long() if "tokens" in batch else self.frozen.tokens(batch["frames"])
             return tokens, self.true_actions(batch)
+        if self.lam_training == "joint":  # the trained LAM's ids, in its current mode (eval in validation)
+            frames = self.joint_frames(batch)
+            return self.frozen.tokens(frames), self.lam.infer_actions(frames)
         if "tokens" in batch:
             return batch["tokens"].long(), batch["latent_actions"].long()
         return self.frozen(batch["frames"])
+
+    def joint_frames(self, batch: dict[str, Any]) -> Tensor:
+        if "frames" not in batch:
+            raise ConfigError(
+                "lam_training=joint needs video shards (the LAM reads the frames), but this batch holds tokens: "
+                "point data.train_shards / data.val_shards at the video shards, not at `genie prep tokenize` output"
+            )
+        return batch["frames"]
+
+    def joint_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, LAMOutput]:
+        """Joint training: token ids (B, T, h, w), the LAM's straight-through actions (B, T-1, A) and its output."""
+        assert self.lam is not None and self.lam_training == "joint"
+        frames = self.joint_frames(batch)
+        out = self.lam(frames)
+        return self.frozen.tokens(frames), self.lam.straight_through_actions(out, self.action_temperature), out
 
     def true_actions(self, batch: dict[str, Any]) -> Tensor:
         """The clips' own discrete actions (B, T-1), checked against ``model.num_actions``."""
@@ -170,17 +232,72 @@ class DynamicsStage(StageModule):
             return trained.quantizer.lookup(tokens.flatten(2)), actions
         return self.frozen.codes(tokens), actions
 
+    def losses(self, batch: dict[str, Any]) -> tuple[Tensor, Any, LAMOutput | None]:
+        """The training loss of a batch, the dynamics model's output and (joint training) the LAM's output."""
+        if self.lam_training != "joint":
+            out = self.net(*self.net_inputs(*self.inputs(batch)))
+            return out.loss, out, None
+        tokens, weights, lam_out = self.joint_inputs(batch)
+        out = self.net(*self.net_inputs(tokens, weights))
+        if not self.lam_loss_weight:  # the dynamics loss alone (the LAM's decoder gets no gradient, not a zero one)
+            return out.loss, out, lam_out
+        return out.loss + self.lam_loss_weight * lam_out.loss, out, lam_out
+
     def training_loss(self, batch: dict[str, Any]) -> Tensor:
-        return self.net(*self.net_inputs(*self.inputs(batch))).loss
+        return self.losses(batch)[0]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self.net(*self.net_inputs(*self.inputs(batch)))
-        metrics = {"train/loss": out.loss}
+        loss, out, lam_out = self.losses(batch)
+        metrics = {"train/loss": loss}
         if hasattr(out, "accuracy"):  # token kinds
             metrics["train/accuracy"] = out.accuracy
+        if lam_out is not None:
+            metrics.update(
+                {
+                    "train/dynamics_loss": out.loss,
+                    "train/lam_loss": lam_out.loss,
+                    "train/lam_usage": lam_out.usage,
+                    "train/lam_perplexity": lam_out.perplexity,
+                }
+            )
         self.log_dict(metrics, on_step=True, on_epoch=False)
         self.log_data_stats(batch)
-        return out.loss
+        return loss
+
+    # -- joint LAM training: its latent normalisation, its mode, its export ---------------------------------------
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.lam_training == "joint":
+            self.lam.train()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.lam_training != "joint":
+            return
+        # the LAM's codes must stay the same in training and eval mode (World and validation use eval mode): a LAM
+        # exported before its latent statistics were fixed (genie.stages.lam) gets them measured over its first
+        # norm_calibration_batches joint batches, then fixed
+        norm, needed = self.lam.latent_norm, self.lam.config.norm_calibration_batches
+        if int(norm.phase) == NORM_BATCH:
+            norm.start_calibration()
+        elif int(norm.phase) == NORM_CALIBRATING and int(norm.calibration_batches) >= needed:
+            norm.freeze()
+
+    def on_train_end(self) -> None:
+        norm = self.lam.latent_norm if self.lam_training == "joint" else None
+        if norm is not None and int(norm.phase) == NORM_CALIBRATING and int(norm.calibration_latents) > 0:
+            norm.freeze()
+        super().on_train_end()
+
+    def export(self, path: str | Path) -> Path:
+        """The dynamics model (HF layout) and, after joint training, its LAM in ``<path>/lam``."""
+        path = super().export(path)
+        if self.lam_training == "joint":
+            was_training = self.lam.training
+            self.lam.eval().save_pretrained(path / JOINT_LAM_FOLDER)
+            self.lam.train(was_training)
+        return path
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validate_dynamics(*self.inputs(batch))

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel
 
 from data_prep.sprites import episode_rng, render_episode
@@ -77,6 +78,24 @@ def test_every_part_gets_gradient():
     model(random_frames()).loss.backward()
     for name in ("encoder_embed.conv.weight", "to_code.weight", "action_film.weight", "decoder_embed.conv.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_straight_through_actions_are_the_ids_forward_and_reach_the_encoder_backward():
+    """What a dynamics stage with lam_training=joint feeds its model: one-hots of the ids, with the gradient of a
+    softmax over the codes' cosine similarities ."""
+    torch.manual_seed(0)
+    model = LatentActionModel(tiny_config()).train()
+    out = model(random_frames(B=4))
+    grads = []
+    for temperature in (1.0, 0.1):
+        model.zero_grad()
+        weights = model.straight_through_actions(out, temperature)
+        assert weights.shape == (4, 5, 6) and torch.equal(weights.detach(), F.one_hot(out.ids, 6).float())
+        # a loss that prefers action 0 everywhere: only the straight-through path connects it to the model
+        (-weights[..., 0].sum()).backward(retain_graph=True)
+        grads.append(model.to_code.weight.grad.abs().sum().item())
+        assert model.quantizer.codebook_VZ.grad.abs().sum() > 0
+    assert grads[0] > 0 and grads[1] > 0
 
 
 @pytest.mark.parametrize("kw", [dict(action_conditioning="add"), dict(patch_context=0, motion_input=False)])

@@ -237,3 +237,41 @@ def test_unknown_model_kind_is_one_line(token_shards, frozen, tmp_path, capsys):
     assert main([*args, "--model.init_args.model.width=32"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: model.kind='gan': choose one of maskgit, causal, diffusion"
+
+
+def test_joint_lam_trains_through_the_dynamics_loss_and_exports_beside_it(
+    sprites_shards: Path, token_shards: Path, frozen, tmp_path: Path, capsys
+):
+    """lam_training=joint: the LAM is trained by the dynamics loss (alone, with lam_loss_weight=0: its encoder
+    moves and its decoder does not), checkpointed with the dynamics model, exported as export/lam with its codes the
+    same in training and eval mode, and the only LAM `genie export world` pairs with that dynamics model."""
+    from genie.world import World
+
+    root = tmp_path / "run"
+    joint = ["--model.init_args.lam_training=joint", "--model.init_args.lam_loss_weight=0"]
+    args = fit_args(TINY, sprites_shards, root, *frozen, *joint, "--trainer.max_steps=3")
+    assert main([*args, "--trainer.val_check_interval=3"]) == 0
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("lam.") for k in ckpt["state_dict"])
+    start, trained = (LatentActionModel.from_pretrained(p) for p in (frozen[1], root / "export" / "lam"))
+    assert not torch.equal(start.to_code.weight, trained.to_code.weight)  # the encoder learned from the dynamics
+    assert torch.equal(start.to_pixels.weight, trained.to_pixels.weight)  # the decoder had no loss
+    assert start.latent_norm.phase_name == "batch" and trained.latent_norm.phase_name == "frozen"
+
+    export = ["export", "world", "--tokenizer", str(frozen[0]), "--dynamics", str(root / "export"), "--steps", "2"]
+    assert main([*export, "--out", str(tmp_path / "world")]) == 0  # --lam defaults to the dynamics' own
+    world = World.from_pretrained(tmp_path / "world", seed=0)
+    assert torch.equal(world.lam.to_code.weight, trained.to_code.weight)
+    capsys.readouterr()
+    assert main([*export, "--lam", str(frozen[1]), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained jointly with its LAM" in err and "export/lam" in err
+
+    # token shards have no frames for the LAM; the true actions use no LAM: one line each
+    tokens = fit_args(TINY, token_shards, tmp_path / "tokens", *frozen, *joint, "--trainer.max_steps=1")
+    assert main(tokens) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs video shards" in err
+    true = ["--model.init_args.model.action_source=true", "--model.init_args.model.num_actions=6"]
+    assert main(fit_args(TINY, sprites_shards, tmp_path / "true", *frozen, *joint, *true)) == 2
+    assert "action_source=true uses no LAM" in capsys.readouterr().err

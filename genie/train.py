@@ -92,6 +92,8 @@ class ExportOnFitEnd(Callback):
         }
         (path / "training.json").write_text(json.dumps(record, indent=1))
         what = "world bundle" if (path / "world.json").is_file() else type(pl_module.net).__name__
+        if getattr(pl_module, "lam_training", None) == "joint":
+            what += " and the LAM it trained (lam/)"
         rank_zero_info(f"exported {what} to {path}")
 
 

@@ -230,6 +230,20 @@ def test_model_kind_trains_exports_and_steps_as_a_world(config, extra, kind, tok
     assert json.loads((tmp_path / "world" / "world.json").read_text())["dynamics_kind"] == kind
     world.reset(np.zeros((24, 24, 3), np.uint8))
     assert world.step(1).shape == (24, 24, 3)
+    if kind != "maskgit":  # only MaskGIT's step is compiled: the others refuse --compile before any work
+        from genie.models.sampler import SamplerConfig
+
+        with pytest.raises(ValueError, match=f"compile is not available for the {kind} dynamics kind"):
+            World.from_pretrained(tmp_path / "world", sampler=SamplerConfig(compile=True))
+
+
+def test_diffusion_code_dim_that_does_not_fit_the_tokenizer_is_one_line(token_shards, frozen, tmp_path, capsys):
+    """The diffusion kind reads the tokenizer's code vectors: its code_dim must be theirs, and the error says so."""
+    args = fit_args(DIFFUSION, token_shards, tmp_path / "run", *frozen, "--model.init_args.model.width=32")
+    assert main([*args, "--model.init_args.model.code_dim=5", "--trainer.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "code_dim=5 but the tokenizer's codes have 8" in err
+    assert "model.code_dim=8" in err
 
 
 def test_unknown_model_kind_is_one_line(token_shards, frozen, tmp_path, capsys):

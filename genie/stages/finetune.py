@@ -7,8 +7,10 @@ Starts from a world bundle (``genie export world``) and trains on video shards:
 - the **dynamics** model, from the bundle's weights, with the usual MaskGIT objective (``train_dynamics``);
 - optionally the **tokenizer** and/or the **LAM** (``train_tokenizer``, ``train_lam``), each with its own
   loss added to the total. The dynamics model's inputs (token ids, latent actions) always come out of the
-  current tokenizer/LAM *detached*: stop-gradient, as in pretraining. Frozen parts are loaded lazily and
-  stay out of the checkpoint, as in the dynamics stage;
+  current tokenizer/LAM *detached*: stop-gradient, as in pretraining. Their dead-code restarts (which let a
+  pretrained LAM give the new data's transitions codes of their own) stop after ``restarts_until`` of training,
+  so the dynamics model and the adapter train their last part on the codes the export will have. Frozen parts
+  are loaded lazily and stay out of the checkpoint, as in the dynamics stage;
 - optionally an **action adapter** (``adapter_action_dim`` > 0, :mod:`genie.models.adapter`): on shards
   whose clips carry real actions (``actions.npy`` float32 ``[T-1, U]``), a small MLP learns to predict the
   LAM's latent action of each transition from the robot's action, so the exported world can be stepped
@@ -56,6 +58,9 @@ class FinetuneStage(DynamicsStage):
         adapter_action_dim: U, the length of the robot's action vectors; 0: no action adapter.
         adapter_hidden: width of the adapter's hidden layers.
         adapter_weight: weight of the adapter's cross entropy in the total loss.
+        restarts_until: the fine-tuned tokenizer's and LAM's dead-code restarts stop once this fraction of
+            ``trainer.max_steps`` is done (1: never stop). A restart re-purposes a code; one late in training
+            leaves the adapter and the dynamics model fitted to a code that no longer exists.
         init: ``pretrained`` (start from the bundle's weights) or ``scratch`` (the trained parts start from fresh
             random weights of the same architecture: the from-scratch baseline of ``genie transfer``).
         optim: optimizer and schedule (one learning rate for every trained part).
@@ -72,6 +77,7 @@ class FinetuneStage(DynamicsStage):
         adapter_weight: float = 1.0,
         init: str = "pretrained",
         optim: OptimConfig | None = None,
+        restarts_until: float = 0.5,
     ):
         super(DynamicsStage, self).__init__(optim)  # StageModule.__init__: the parts come from the bundle
         root = Path(world)
@@ -108,6 +114,9 @@ class FinetuneStage(DynamicsStage):
             cfg = AdapterConfig(action_dim=adapter_action_dim, num_actions=lam_cfg.num_actions, hidden=adapter_hidden)
             self.adapter = ActionAdapter(cfg)
         self.adapter_weight = adapter_weight
+        if not 0 <= restarts_until <= 1:
+            raise ConfigError(f"model.init_args.restarts_until={restarts_until}: choose a fraction in [0, 1]")
+        self.restarts_until = restarts_until
         self.save_plain_hparams(
             world=str(world),
             train_dynamics=train_dynamics,
@@ -117,6 +126,7 @@ class FinetuneStage(DynamicsStage):
             adapter_hidden=adapter_hidden,
             adapter_weight=adapter_weight,
             init=init,
+            restarts_until=restarts_until,
         )
 
     def expected_frames(self) -> int:
@@ -131,6 +141,14 @@ class FinetuneStage(DynamicsStage):
                 part.train()  # from_pretrained hands them over in eval mode
         if not self.train_dynamics:
             self.net.eval()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        total = self.trainer.max_steps
+        if total and total > 0 and self.trainer.global_step >= self.restarts_until * total:
+            for part in (self.tokenizer, self.lam):
+                if part is not None:
+                    part.quantizer.dead_code_threshold = 0  # the exported config keeps its own value
 
     # -- one batch ------------------------------------------------------------------------------------
 

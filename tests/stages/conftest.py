@@ -131,12 +131,13 @@ def train_from_config(
     max_steps: int | None = None,
     seed: int | None = None,
     frames: int | None = None,
+    callbacks: list | None = None,
     **stage_overrides,
 ) -> tuple:
     """Build the stage of ``configs/<config>`` and train it on CPU, in-process, for ``max_steps`` (default: the
     config's) from ``seed`` (default: the config's), on windows of ``frames`` (default: the config's; the model's
-    ``num_frames`` follows). Returns ``(stage, untrained_net_copy)``. A fixed step budget: results do not depend on
-    load.
+    ``num_frames`` follows), with extra Lightning ``callbacks``. Returns ``(stage, untrained_net_copy)``. A fixed
+    step budget: results do not depend on load.
     """
     import copy
     import importlib
@@ -165,7 +166,7 @@ def train_from_config(
         pin_memory=False,
     )
     trainer = Trainer(
-        callbacks=[FreedCores()],
+        callbacks=[FreedCores(), *(callbacks or [])],
         max_steps=max_steps or cfg["trainer"]["max_steps"],
         logger=False,
         enable_checkpointing=False,

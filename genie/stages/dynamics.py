@@ -232,7 +232,7 @@ class DynamicsStage(StageModule):
             return trained.quantizer.lookup(tokens.flatten(2)), actions
         return self.frozen.codes(tokens), actions
 
-    def losses(self, batch: dict[str, Any]) -> tuple[Tensor, Any, LAMOutput | None]:
+    def batch_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Any, LAMOutput | None]:
         """The training loss of a batch, the dynamics model's output and (joint training) the LAM's output."""
         if self.lam_training != "joint":
             out = self.net(*self.net_inputs(*self.inputs(batch)))
@@ -244,10 +244,10 @@ class DynamicsStage(StageModule):
         return out.loss + self.lam_loss_weight * lam_out.loss, out, lam_out
 
     def training_loss(self, batch: dict[str, Any]) -> Tensor:
-        return self.losses(batch)[0]
+        return self.batch_losses(batch)[0]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, out, lam_out = self.losses(batch)
+        loss, out, lam_out = self.batch_losses(batch)
         metrics = {"train/loss": loss}
         if hasattr(out, "accuracy"):  # token kinds
             metrics["train/accuracy"] = out.accuracy

@@ -27,6 +27,7 @@ world`` refuses another).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -293,6 +294,9 @@ class DynamicsStage(StageModule):
     def export(self, path: str | Path) -> Path:
         """The dynamics model (HF layout) and, after joint training, its LAM in ``<path>/lam``."""
         path = super().export(path)
+        stale = path / JOINT_LAM_FOLDER
+        if self.lam_training != "joint" and (stale / "config.json").is_file():
+            shutil.rmtree(stale)  # an earlier joint run's LAM in the same folder: this dynamics model never saw it
         if self.lam_training == "joint":
             was_training = self.lam.training
             self.lam.eval().save_pretrained(path / JOINT_LAM_FOLDER)

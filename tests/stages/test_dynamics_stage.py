@@ -281,6 +281,10 @@ def test_joint_lam_trains_through_the_dynamics_loss_and_exports_beside_it(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "trained jointly with its LAM" in err and "export/lam" in err
 
+    # a frozen-LAM run exported into the same folder drops the joint LAM (its dynamics model never saw it)
+    assert main([*fit_args(TINY, sprites_shards, root, *frozen, "--trainer.max_steps=1")]) == 0
+    assert not (root / "export" / "lam").exists()
+
     # token shards have no frames for the LAM; the true actions use no LAM: one line each
     tokens = fit_args(TINY, token_shards, tmp_path / "tokens", *frozen, *joint, "--trainer.max_steps=1")
     assert main(tokens) == 2

@@ -271,6 +271,21 @@ class LatentNorm(nn.BatchNorm1d):
             raise RuntimeError("cannot freeze the latent normalisation before any batch was calibrated")
         self.phase.fill_(NORM_FROZEN)
 
+    def freeze_when_calibrated(self, batches: int) -> bool:
+        """Freeze once calibration has measured ``batches`` training batches; True if this call froze."""
+        if int(self.phase) == NORM_CALIBRATING and int(self.calibration_batches) >= batches:
+            self.freeze()
+            return True
+        return False
+
+    def freeze_what_was_calibrated(self) -> bool:
+        """Training ends while calibrating: keep what was measured (so the export's training and eval modes agree)
+        if any latent was; True if this call froze."""
+        if int(self.phase) == NORM_CALIBRATING and int(self.calibration_latents) > 0:
+            self.freeze()
+            return True
+        return False
+
     def forward(self, z: Tensor) -> Tensor:
         flat_MZ = z.reshape(-1, z.shape[-1])
         phase = int(self.phase)

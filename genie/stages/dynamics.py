@@ -39,7 +39,7 @@ from genie.models.diffusion import DiffusionDynamicsConfig
 from genie.models.dynamics import DynamicsConfig
 from genie.models.hub import model_fields
 from genie.models.kinds import build_dynamics, dynamics_config
-from genie.models.lam import NORM_BATCH, NORM_CALIBRATING, LAMConfig, LAMOutput, LatentActionModel
+from genie.models.lam import NORM_BATCH, LAMConfig, LAMOutput, LatentActionModel
 from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
 from genie.stages.base import OptimConfig, StageModule
 from genie.train import ConfigError
@@ -159,11 +159,8 @@ class DynamicsStage(StageModule):
         self.image_size = tok_cfg.image_size
         self.net = build_dynamics(cfg)
         self.frozen = FrozenEncoders(tokenizer, lam)
-        self.lam_training, self.lam_loss_weight, self.action_temperature = (
-            lam_training,
-            lam_loss_weight,
-            action_temperature,
-        )
+        self.lam_training = lam_training
+        self.lam_loss_weight, self.action_temperature = lam_loss_weight, action_temperature
         self.lam: LatentActionModel | None = None
         if lam_training == "joint":
             if cfg.action_source == "true":
@@ -279,16 +276,15 @@ class DynamicsStage(StageModule):
         # the LAM's codes must stay the same in training and eval mode (World and validation use eval mode): a LAM
         # exported before its latent statistics were fixed (genie.stages.lam) gets them measured over its first
         # norm_calibration_batches joint batches, then fixed
-        norm, needed = self.lam.latent_norm, self.lam.config.norm_calibration_batches
+        norm = self.lam.latent_norm
         if int(norm.phase) == NORM_BATCH:
             norm.start_calibration()
-        elif int(norm.phase) == NORM_CALIBRATING and int(norm.calibration_batches) >= needed:
-            norm.freeze()
+        else:
+            norm.freeze_when_calibrated(self.lam.config.norm_calibration_batches)
 
     def on_train_end(self) -> None:
-        norm = self.lam.latent_norm if self.lam_training == "joint" else None
-        if norm is not None and int(norm.phase) == NORM_CALIBRATING and int(norm.calibration_latents) > 0:
-            norm.freeze()
+        if self.lam_training == "joint":
+            self.lam.latent_norm.freeze_what_was_calibrated()
         super().on_train_end()
 
     def export(self, path: str | Path) -> Path:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from genie.eval.metrics import contingency, nmi_from_contingency
 from genie.models.hub import model_fields
-from genie.models.lam import NORM_BATCH, NORM_CALIBRATING, NORM_FROZEN, LAMConfig, LatentActionModel
+from genie.models.lam import NORM_BATCH, NORM_FROZEN, LAMConfig, LatentActionModel
 from genie.stages.base import OptimConfig, TimeSchedule
 from genie.stages.vq import VQStage, all_reduce_
 
@@ -111,15 +111,13 @@ class LAMStage(VQStage):
                 start = self.trainer.strategy.broadcast(start, src=0)  # wall clocks differ between ranks
             if start:
                 norm.start_calibration()
-        elif phase == NORM_CALIBRATING and int(norm.calibration_batches) >= cfg.norm_calibration_batches:
-            norm.freeze()
-            if self.trainer.is_global_zero:
-                log.info(
-                    "LAM latent statistics fixed at step %d (from %d latents of %d batches)",
-                    self.trainer.global_step,
-                    int(norm.calibration_latents),
-                    int(norm.calibration_batches),
-                )
+        elif norm.freeze_when_calibrated(cfg.norm_calibration_batches) and self.trainer.is_global_zero:
+            log.info(
+                "LAM latent statistics fixed at step %d (from %d latents of %d batches)",
+                self.trainer.global_step,
+                int(norm.calibration_latents),
+                int(norm.calibration_batches),
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
@@ -129,9 +127,8 @@ class LAMStage(VQStage):
         # stopped while calibrating (a time budget can end sooner than planned): keep what was measured, so that the
         # exported model's training and eval modes agree; the decoder then had no steps on exactly these codes
         norm, fraction = self.net.latent_norm, self.net.config.norm_freeze_fraction
-        if int(norm.phase) == NORM_CALIBRATING and int(norm.calibration_latents) > 0:
-            norm.freeze()
-        elif fraction > 0 and int(norm.phase) != NORM_FROZEN and self.trainer.is_global_zero:
+        norm.freeze_what_was_calibrated()
+        if fraction > 0 and int(norm.phase) != NORM_FROZEN and self.trainer.is_global_zero:
             log.info(
                 "LAM training ended before its final %.0f%%: its latent statistics are still momentum averages, so "
                 "eval-mode codes may differ from training's (genie eval lam reports train_eval_agreement)",

@@ -47,13 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from genie.world import write_bundle
+    from genie.world import JOINT_LAM, joint_lam, write_bundle
 
-    lam = args.lam
+    lam = args.lam or joint_lam(args.dynamics)
     if lam is None:
-        lam = args.dynamics / "lam"
-        if not (lam / "config.json").is_file():
-            raise ValueError(f"pass --lam: {args.dynamics} has no jointly trained LAM in {lam}")
+        raise ValueError(f"pass --lam: {args.dynamics} has no jointly trained LAM in {args.dynamics / JOINT_LAM}")
     out = write_bundle(args.out, args.tokenizer, lam, args.dynamics, sampler_from(args), args.adapter)
     print(f"world bundle written to {out} (load it with genie.World.from_pretrained({str(out)!r}))")
     return out

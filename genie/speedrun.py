@@ -170,11 +170,10 @@ def frozen_overrides(out: Path) -> list[str]:
 def build_world(args: argparse.Namespace, preset: dict[str, Any], dynamics: str, name: str, device: Any) -> Any:
     """Export ``OUT/<name>`` from the run's tokenizer, LAM and ``OUT/<dynamics>`` and load it with the preset's
     sampler."""
-    from genie.world import World
+    from genie.world import World, joint_lam
 
     tok, lam, dyn = (str(args.out / s / "export") for s in ("tokenizer", "lam", dynamics))
-    if (Path(dyn) / "lam" / "config.json").is_file():  # the dynamics stage trained its LAM jointly: that one
-        lam = str(Path(dyn) / "lam")
+    lam = str(joint_lam(dyn) or lam)  # a dynamics stage that trained its LAM jointly: that one
     argv = ["export", "world", "--tokenizer", tok, "--lam", lam, "--dynamics", dyn, "--out", str(args.out / name)]
     argv += ["--steps", str(preset["sampler_steps"]), "--temperature", str(preset["sampler_temperature"])]
     run_genie([*argv, "--unmask", preset["sampler_unmask"]], name)

@@ -345,6 +345,15 @@ class World:
         return self.lam.infer_actions(frames_BTHWC)
 
 
+JOINT_LAM = "lam"  # where a dynamics stage with lam_training="joint" exports its LAM, inside its own export folder
+
+
+def joint_lam(dynamics: str | Path) -> Path | None:
+    """The LAM an exported dynamics folder was trained jointly with (``<dynamics>/lam``), or None."""
+    folder = Path(dynamics) / JOINT_LAM
+    return folder if (folder / "config.json").is_file() else None
+
+
 def write_bundle(
     out: str | Path,
     tokenizer: VideoTokenizer | str | Path,
@@ -359,12 +368,12 @@ def write_bundle(
     """
     out = Path(out)
     # a dynamics stage with lam_training="joint" exports the LAM it trained beside it: no other LAM's codes fit it
-    joint_lam = Path(dynamics) / "lam" if isinstance(dynamics, str | Path) else None
-    if joint_lam is not None and (joint_lam / "config.json").is_file():
-        other = not isinstance(lam, str | Path) or Path(lam).resolve() != joint_lam.resolve()
+    own = joint_lam(dynamics) if isinstance(dynamics, str | Path) else None
+    if own is not None:
+        other = not isinstance(lam, str | Path) or Path(lam).resolve() != own.resolve()
         if other:
             raise ValueError(
-                f"--dynamics {dynamics} was trained jointly with its LAM: pass --lam {joint_lam} (the LAM it learned "
+                f"--dynamics {dynamics} was trained jointly with its LAM: pass --lam {own} (the LAM it learned "
                 "its actions from), not another"
             )
     loaded = []

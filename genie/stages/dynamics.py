@@ -43,11 +43,10 @@ from genie.models.lam import NORM_BATCH, LAMConfig, LAMOutput, LatentActionModel
 from genie.models.tokenizer import TokenizerConfig, VideoTokenizer
 from genie.stages.base import OptimConfig, StageModule
 from genie.train import ConfigError
-from genie.world import check_compatible, discrete_actions
+from genie.world import JOINT_LAM, check_compatible, discrete_actions, joint_lam
 
 C = TypeVar("C")
 LAM_TRAINING = ("frozen", "joint")
-JOINT_LAM_FOLDER = "lam"  # the jointly trained LAM's export, inside the dynamics stage's export folder
 
 
 class ConfigMismatch(ConfigError):
@@ -290,12 +289,12 @@ class DynamicsStage(StageModule):
     def export(self, path: str | Path) -> Path:
         """The dynamics model (HF layout) and, after joint training, its LAM in ``<path>/lam``."""
         path = super().export(path)
-        stale = path / JOINT_LAM_FOLDER
-        if self.lam_training != "joint" and (stale / "config.json").is_file():
+        stale = joint_lam(path)
+        if self.lam_training != "joint" and stale is not None:
             shutil.rmtree(stale)  # an earlier joint run's LAM in the same folder: this dynamics model never saw it
         if self.lam_training == "joint":
             was_training = self.lam.training
-            self.lam.eval().save_pretrained(path / JOINT_LAM_FOLDER)
+            self.lam.eval().save_pretrained(path / JOINT_LAM)
             self.lam.train(was_training)
         return path
 

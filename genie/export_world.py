@@ -18,6 +18,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--unmask", choices=("random", "confidence"), default=None, help=f"default {d.unmask}")
     parser.add_argument(
+        "--keep-pixels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep a patch's pixels while its token does not change, decoding only the patches that do "
+        f"(--no-keep-pixels: decode every patch; default {d.keep_pixels})",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         default=None,
@@ -27,7 +34,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampler_from(args: argparse.Namespace, base: SamplerConfig | None = None) -> SamplerConfig:
     """``base`` (default: SamplerConfig()) with the sampling options that were given on the command line."""
-    keys = ("steps", "temperature", "unmask", "compile")
+    keys = ("steps", "temperature", "unmask", "keep_pixels", "compile")
     given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return dataclasses.replace(base or SamplerConfig(), **given)
 

@@ -212,8 +212,14 @@ def evaluate(args: argparse.Namespace, preset: dict[str, Any], world: Any, devic
         "rollout_ssim_per_step": wld["ssim_per_step"],
         "rollout_psnr_10_from_1": float(np.mean(wld["psnr_per_step"][ten])),  # Genie-style: 10 frames from 1
         "rollout_ssim_10_from_1": float(np.mean(wld["ssim_per_step"][ten])),
+        # the same rollout with every patch decoded (SamplerConfig.keep_pixels off): comparable with earlier runs
+        "rollout_psnr_decoded_per_step": wld.get("psnr_decoded_per_step"),
+        "rollout_psnr_10_from_1_decoded": (
+            float(np.mean(wld["psnr_decoded_per_step"][ten])) if "psnr_decoded_per_step" in wld else None
+        ),
         "random_actions_psnr_per_step": wld["psnr_random_per_step"],
         "copy_psnr_per_step": wld["copy_psnr_per_step"],
+        "copy_psnr_10_from_1": float(np.mean(wld["copy_psnr_per_step"][ten])),  # the world's target to beat
         "delta_psnr_t4": wld["delta_psnr_t4"],
         "teacher_forced_token_accuracy": wld["teacher_forced_token_accuracy"],
         "eval_clips": wld["clips"],
@@ -418,6 +424,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"codes used {metrics['lam_codes_used']}, eval/training codes agree {metrics['lam_train_eval_agreement']:.1%}"
         + f"\n  world, 10 frames from 1: PSNR {metrics['rollout_psnr_10_from_1']:.2f} dB, "
         f"SSIM {metrics['rollout_ssim_10_from_1']:.3f}; ΔtPSNR(t=4) {metrics['delta_psnr_t4']:+.2f} dB"
+        + f"\n    copying the prompt frame {metrics['copy_psnr_10_from_1']:.2f} dB"
+        + (
+            ""
+            if metrics["rollout_psnr_10_from_1_decoded"] is None
+            else f"; the world decoding every patch (no keep_pixels) {metrics['rollout_psnr_10_from_1_decoded']:.2f} dB"
+        )
         + (
             ""
             if not args.true_actions

@@ -16,6 +16,13 @@ dynamics kind's sampler (MaskGIT's :class:`~genie.models.sampler.MaskGITSampler`
 :class:`~genie.models.causal.CausalSampler`, whose KV caches hold the past frames) and decodes only that
 frame with the tokenizer's decoder, which keeps its own KV cache of past frames. So a step costs one frame of
 dynamics and decoder compute, however long the rollout.
+
+Rendering (``SamplerConfig.keep_pixels``, on by default): a patch whose token is the same as in the frame before
+keeps that frame's pixels (:func:`keep_unchanged`); only the patches whose tokens changed show the decoder's output.
+So the prompt's real pixels survive wherever the world says nothing happened, instead of being replaced by the
+tokenizer's reconstruction, and a patch that stays put does not shimmer as the decoder's context moves on. It
+applies to the token kinds (maskgit, causal); the diffusion kind's continuous latents never repeat exactly, so its
+frames are decoded whole.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import repeat
 from torch import Tensor
 
 from genie.data.loader import DataError
@@ -137,6 +145,9 @@ class World:
         self._sampler: Any = None  # the kind's sampler (genie.models.kinds.make_sampler), made by begin
         self._decoder_cache: RingKVCache | None = None
         self._decode_new = self.decode_new  # compiled with the sampler's steps when the sampler compiles (begin)
+        # keep_pixels' state: the frame on screen (B, H, W, C) uint8 and the token ids it shows (B, N)
+        self._screen_BHWC: Tensor | None = None
+        self._screen_ids_BN: Tensor | None = None
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -175,13 +186,15 @@ class World:
             adapter=adapter,
         )
 
-    def fork(self, seed: int | None = None) -> World:
+    def fork(self, seed: int | None = None, sampler: SamplerConfig | None = None) -> World:
         """A World that shares this one's models (no copy) but has its own episode and sampling generator.
 
         Use one fork per concurrent episode (e.g. per browser tab in ``genie play``); forks must not step
-        at the same time from several threads unless the caller serialises model calls.
+        at the same time from several threads unless the caller serialises model calls. ``sampler``: other
+        sampling settings for the fork (default: this world's).
         """
-        return World(self.tokenizer, self.lam, self.dynamics, self.sampler_config, self.device, seed, self.adapter)
+        sampler = sampler or self.sampler_config
+        return World(self.tokenizer, self.lam, self.dynamics, sampler, self.device, seed, self.adapter)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write this world as a bundle folder."""
@@ -197,6 +210,11 @@ class World:
     @property
     def image_size(self) -> int:
         return self.tokenizer.config.image_size
+
+    @property
+    def keeps_pixels(self) -> bool:
+        """Whether frames keep the unchanged patches' pixels (``SamplerConfig.keep_pixels`` on a token kind)."""
+        return self.sampler_config.keep_pixels and kind_of(self.dynamics) != "diffusion"
 
     def seed(self, seed: int | None) -> None:
         """Seed the sampling (None: a fresh random seed). The same seed, prompt and actions give the same frames.
@@ -244,7 +262,8 @@ class World:
         """Start from prompt frames: uint8 (H, W, 3) or a (T, H, W, 3) context clip.
 
         ``actions`` (T-1 latent actions between the context frames) default to the LAM's inference.
-        Returns the last prompt frame as the world sees it (tokenized and decoded), uint8 (H, W, 3).
+        Returns the last prompt frame as the world shows it, uint8 (H, W, 3): the prompt itself where the world
+        keeps unchanged pixels (``keep_pixels``), else its tokens decoded.
         """
         frames_BTHWC = self.as_frames(prompt, "prompt")
         if frames_BTHWC.shape[0] != 1:
@@ -283,7 +302,7 @@ class World:
 
     @torch.no_grad()
     def begin(self, frames_BTHWC: Tensor, actions_BT: Tensor | None = None) -> np.ndarray:
-        """Batched reset: context frames (B, T, H, W, C) uint8 -> the last context frame decoded (B, H, W, C)."""
+        """Batched reset: context frames (B, T, H, W, C) uint8 -> the last context frame as shown (B, H, W, C)."""
         T = frames_BTHWC.shape[1]
         if self.dynamics.config.num_frames < T:
             frames_BTHWC = frames_BTHWC[:, -self.dynamics.config.num_frames :]  # the window the model can see
@@ -300,7 +319,10 @@ class World:
         # the new frame's decode and its conversion to uint8 (compiled code is reused across episodes)
         self._decode_new = compile_step(self.decode_new) if self.sampler_config.compile else self.decode_new
         decoded = self.tokenizer.decode(tokens_BThw, cache=self._decoder_cache)
-        return to_uint8(decoded[:, -1])
+        # what the screen shows from here on: the real prompt frame (then only the patches that change are decoded)
+        self._screen_BHWC = frames_BTHWC[:, -1] if self.keeps_pixels else None
+        self._screen_ids_BN = tokens_BThw[:, -1].flatten(1)
+        return to_uint8(decoded[:, -1] if self._screen_BHWC is None else self._screen_BHWC)
 
     def decode_new(self, frame_BN: Tensor) -> Tensor:
         """Decode the newest frame, ids (B, N) or the diffusion kind's code vectors (B, N, Z), through the decoder's
@@ -313,7 +335,11 @@ class World:
         """Batched step: one action per sequence (B,) -> next frames uint8 (B, H, W, C)."""
         assert self._sampler is not None and self._decoder_cache is not None
         tokens_BN = self._sampler.next_frame(actions_B, generator=self.generator)
-        return self._decode_new(tokens_BN).cpu().numpy()
+        frame_BHWC = self._decode_new(tokens_BN)
+        if self._screen_BHWC is not None:
+            frame_BHWC = keep_unchanged(frame_BHWC, self._screen_BHWC, tokens_BN == self._screen_ids_BN)
+            self._screen_BHWC, self._screen_ids_BN = frame_BHWC, tokens_BN
+        return frame_BHWC.cpu().numpy()
 
     @torch.no_grad()
     def rollout(self, prompt_BTHWC: Tensor, actions_BF: Tensor, context_actions_BT: Tensor | None = None) -> np.ndarray:
@@ -343,6 +369,26 @@ class World:
                 "LAM's latent actions: pass the environment's actions instead of inferring them"
             )
         return self.lam.infer_actions(frames_BTHWC)
+
+
+def keep_unchanged(decoded_BHWC: Tensor, previous_BHWC: Tensor, same_BN: Tensor) -> Tensor:
+    """Composite a new frame: the previous frame's pixels where the token did not change, the decoder's elsewhere.
+
+    Args:
+        decoded_BHWC: the new frame as decoded (B, H, W, C).
+        previous_BHWC: the frame before it as shown (B, H, W, C), same dtype.
+        same_BN: bool (B, N), N = h * w tokens in row-major order over a square grid of H / h pixel patches: whether
+            each token equals the previous frame's.
+
+    Returns:
+        (B, H, W, C).
+    """
+    B, H, W, _ = decoded_BHWC.shape
+    g = round(same_BN.shape[1] ** 0.5)
+    if g * g != same_BN.shape[1] or H % g or W % g:
+        raise ValueError(f"{same_BN.shape[1]} tokens do not tile a {H}x{W} frame in square patches")
+    keep_BHW1 = repeat(same_BN.view(B, g, g), "b h w -> b (h p) (w q) 1", p=H // g, q=W // g)
+    return torch.where(keep_BHW1, previous_BHWC, decoded_BHWC)
 
 
 JOINT_LAM = "lam"  # where a dynamics stage with lam_training="joint" exports its LAM, inside its own export folder

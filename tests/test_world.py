@@ -13,7 +13,7 @@ import torch
 from genie.cli import main
 from genie.models.sampler import SamplerConfig
 from genie.world import World, write_bundle
-from tests.worlds import A, S
+from tests.worlds import A, P, S, V
 from tests.worlds import tiny_world_parts as parts
 
 
@@ -160,9 +160,11 @@ def test_export_world_cli(tmp_path: Path):
         str(tmp_path / "w"),
         "--steps",
         "3",
+        "--no-keep-pixels",
     ]
     assert main(args) == 0
-    assert World.from_pretrained(tmp_path / "w").sampler_config.steps == 3
+    sampler = World.from_pretrained(tmp_path / "w").sampler_config
+    assert sampler.steps == 3 and not sampler.keep_pixels
     shutil.rmtree(folders["lam"])
     assert main(args) == 2  # a missing part: one-line error
 
@@ -209,3 +211,61 @@ def test_a_true_action_world_needs_the_clips_discrete_actions():
         discrete_actions({}, "shards")
     with pytest.raises(DataError, match="continuous actions"):
         discrete_actions({"actions": torch.zeros(1, 3, 4)}, "shards")
+
+
+def patch(frame: np.ndarray, n: int) -> np.ndarray:
+    """Patch n (row-major over the S / P grid) of an (S, S, 3) frame."""
+    g = S // P
+    r, c = divmod(n, g)
+    return frame[r * P : (r + 1) * P, c * P : (c + 1) * P]
+
+
+def scripted_steps(bundle: Path, keep: bool, changes: list[int]) -> list[np.ndarray]:
+    """reset on a prompt, then one step per entry of ``changes``: the step's tokens are the previous ones with that
+    token's id moved on by one (the dynamics model's sampler is replaced by this script). The frames as shown."""
+    world = World.from_pretrained(bundle, sampler=SamplerConfig(steps=2, keep_pixels=keep), seed=0)
+    prompt = frames(1)[0]
+    shown = [world.reset(prompt)]
+    ids = world.tokenizer.encode(torch.from_numpy(prompt)[None, None]).flatten(1)  # (1, N)
+    script = []
+    for n in changes:
+        ids = ids.clone()
+        ids[0, n] = (ids[0, n] + 1) % V
+        script.append(ids)
+    world._sampler.next_frame = lambda actions, generator=None: script.pop(0)
+    shown += [world.step(0) for _ in changes]
+    return shown
+
+
+def test_keep_pixels_shows_the_decoder_only_where_a_token_changed(bundle: Path):
+    prompt = frames(1)[0]
+    kept = scripted_steps(bundle, True, [5, 0])
+    decoded = scripted_steps(bundle, False, [5, 0])
+    N = (S // P) ** 2
+    # the first frame shown is the prompt itself, not its reconstruction
+    assert np.array_equal(kept[0], prompt) and not np.array_equal(decoded[0], prompt)
+    # step 1: token 5 changed -> the decoder's patch there; everywhere else the prompt's real pixels
+    assert np.array_equal(patch(kept[1], 5), patch(decoded[1], 5))
+    assert all(np.array_equal(patch(kept[1], n), patch(prompt, n)) for n in range(N) if n != 5)
+    # step 2: token 0 changed; token 5 stayed, so its patch is step 1's (not re-decoded with the new context)
+    assert np.array_equal(patch(kept[2], 0), patch(decoded[2], 0))
+    assert np.array_equal(patch(kept[2], 5), patch(kept[1], 5))
+    assert all(np.array_equal(patch(kept[2], n), patch(prompt, n)) for n in range(1, N) if n != 5)
+    # without keep_pixels, nothing of the prompt survives the decoder
+    assert not any(np.array_equal(patch(decoded[1], n), patch(prompt, n)) for n in range(N))
+
+
+def test_keep_pixels_is_off_for_the_diffusion_kind():
+    from genie.models.diffusion import DiffusionDynamicsConfig, DiffusionDynamicsModel
+
+    tok, lam, _ = parts()
+    dyn = DiffusionDynamicsModel(
+        DiffusionDynamicsConfig(
+            num_codes=V, code_dim=8, grid_size=S // P, num_actions=A, num_frames=4, width=32, depth=1, num_heads=2
+        )
+    )
+    world = World(tok, lam, dyn, SamplerConfig(steps=2, keep_pixels=True), seed=0)
+    assert not world.keeps_pixels  # continuous latents never repeat exactly: every patch is decoded
+    prompt = frames(1)[0]
+    assert not np.array_equal(world.reset(prompt), prompt)
+    assert world.step(0).shape == (S, S, 3)

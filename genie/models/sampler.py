@@ -47,6 +47,11 @@ class SamplerConfig:
     """Which sampled tokens to fix at each step: random (default) or confidence."""
     use_cache: bool = True
     """Keep past frames' keys/values (a fixed-size ring) instead of recomputing the context each step."""
+    keep_pixels: bool = True
+    """Where a new frame's token equals the previous frame's token at the same place, keep that patch's pixels from
+    the previous frame instead of decoding it (the World's rendering; token kinds only). What the model says stays
+    unchanged then stays exactly as it was, down to the prompt's real pixels, instead of passing through the lossy
+    decoder every step: a compositing mask over the previous frame, as in video prediction (Finn et al. 2016)."""
     compile: bool = False
     """``torch.compile`` the refinement step and the commit of a frame (one graph each, every shape fixed; on
     CUDA captured as CUDA graphs). Compiling takes seconds to a minute once; falls back to eager with a warning

@@ -37,7 +37,8 @@ def evaluate(world: Path, shards: Path, out: Path) -> dict:
     opts = ["--clips", "48", "--horizon", str(HORIZON), "--steps", "4", "--temperature", "0", "--device", "cpu"]
     assert main([*args, *opts]) == 0
     r = json.loads((out / "world_eval.json").read_text())
-    per_step = {k: [round(x, 2) for x in r[f"{k}_per_step"]] for k in ("psnr", "psnr_random", "copy_psnr")}
+    keys = ("psnr", "psnr_decoded", "psnr_random", "copy_psnr")
+    per_step = {k: [round(x, 2) for x in r[f"{k}_per_step"]] for k in keys if f"{k}_per_step" in r}
     print(
         f"teacher-forced acc {r['teacher_forced_token_accuracy']:.3f}; PSNR per step {per_step}; tokenizer "
         f"{[round(x, 2) for x in r['tokenizer_psnr_per_step']]}; ΔtPSNR(4) {r['delta_psnr_t4']:.2f}"
@@ -49,7 +50,7 @@ def test_world_is_controllable_and_predicts(sprites_world: Path, plain_sprites_s
     out = tmp_path / "eval"
     r = evaluate(sprites_world, plain_sprites_shards, out)
     assert (out / "world_eval.png").stat().st_size > 0
-    assert r["clips"] == 48 and r["horizon"] == HORIZON
+    assert r["clips"] == 48 and r["horizon"] == HORIZON and len(r["psnr_decoded_per_step"]) == HORIZON
     assert r["delta_psnr_t4"] > 1.5
     assert r["psnr_mean"] > r["copy_psnr_mean"] + 1.0
 

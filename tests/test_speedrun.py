@@ -18,7 +18,8 @@ BUDGET_MINUTES = 0.5
 METRICS = [
     "tokenizer_psnr", "tokenizer_ssim", "tokenizer_codebook_usage", "lam_codes_used", "lam_nmi",
     "lam_nmi_effective", "lam_nmi_effective_chance", "lam_nmi_effective_adjusted", "lam_transitions",
-    "rollout_psnr_10_from_1", "rollout_ssim_10_from_1", "delta_psnr_t4", "teacher_forced_token_accuracy",
+    "rollout_psnr_10_from_1", "rollout_ssim_10_from_1", "rollout_psnr_10_from_1_decoded", "copy_psnr_10_from_1",
+    "delta_psnr_t4", "teacher_forced_token_accuracy",
 ]  # fmt: skip
 
 
@@ -150,3 +151,49 @@ def test_gpu_speedrun_script_parses_and_tabulates_every_number(tmp_path: Path):
     for row in ("| data.seconds | 61.2 |", "| stages.tokenizer.global_step | 4321 |", "| metrics.lam_nmi | - |",
                 "| metrics.rollout_psnr_per_step | 25.5, 24.25 |", "| gpu | NVIDIA H100 80GB HBM3 |"):  # fmt: skip
         assert row in table, row
+
+
+def test_lam_training_choices_are_the_stages():
+    """The speedrun spells the dynamics stage's LAM_TRAINING choices itself (importing the stage would pull torch into
+    argument parsing): they must stay the same, and every preset must pick one of them."""
+    from genie import speedrun
+    from genie.stages.dynamics import LAM_TRAINING
+
+    parser = argparse.ArgumentParser()
+    speedrun.add_arguments(parser)
+    action = next(a for a in parser._actions if a.dest == "lam_training")
+    assert tuple(action.choices) == LAM_TRAINING
+    assert all(p["lam_training"] in LAM_TRAINING for p in speedrun.PRESETS.values())
+
+
+def test_changed_mean_weights_each_step_by_its_changed_frames():
+    from genie.speedrun import changed_mean
+
+    report = {"changed_frames_per_step": [2, 0, 1, 5], "x": [10.0, None, 40.0, 99.0]}
+    assert changed_mean(report, "x", steps=3) == (2 * 10.0 + 40.0) / 3
+    assert changed_mean({"changed_frames_per_step": [0, 0], "x": [None, None]}, "x") is None
+
+
+def test_prep_tokenize_and_a_joint_lam_are_refused_together(tmp_path, capsys):
+    args = ["speedrun", "--budget-minutes", "1", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data")]
+    assert main([*args, "--prep-tokenize", "--lam-training", "joint"]) != 0
+    assert "drop one of them" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # refused before any data was made
+
+
+@pytest.mark.slow
+def test_the_dynamics_share_starts_by_tokenizing_the_shards(speedrun, tmp_path):
+    """``--prep-tokenize`` (the cpu preset's default from a 180 s dynamics share): the dynamics stage trains on token
+    shards made within its share from the run's tokenizer and LAM; the world and its report come out as before."""
+    out, _, _ = speedrun
+    run = tmp_path / "run"
+    args = ["speedrun", "--budget-minutes", str(BUDGET_MINUTES), "--out", str(run), "--data", str(out / "data")]
+    assert main([*args, "--episodes", "16", "--preset", "cpu", "--prep-tokenize"]) == 0  # the first run's data
+    report = json.loads((run / "speedrun.json").read_text())
+    dyn = report["stages"]["dynamics"]
+    assert dyn["train_shards"] == "tokens" and dyn["tokenize_seconds"] > 0 and dyn["global_step"] >= 5
+    assert dyn["fit_seconds"] == pytest.approx(
+        max(dyn["budget_seconds"] - dyn["tokenize_seconds"], dyn["budget_seconds"] / 2), abs=0.2
+    )
+    assert sorted(p.name for p in (run / "tokens" / "train").glob("*.tar"))  # shards of tokens + latent actions
+    assert report["lam_training"] == "frozen" and math.isfinite(report["metrics"]["rollout_psnr_10_from_1"])

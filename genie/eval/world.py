@@ -21,6 +21,10 @@ For each held-out clip (``context`` prompt frames then ``horizon`` frames to pre
 - for a world that keeps unchanged pixels (``SamplerConfig.keep_pixels``): ``psnr_decoded_per_step`` /
   ``ssim_decoded_per_step``, the same rollout (same seed, so the same tokens) with every patch decoded, i.e. the
   number without the compositing, comparable with worlds that decode everything.
+- the same on the frames that differ from the prompt frame (``changed_frames_per_step`` clips per step,
+  ``psnr_changed_per_step`` and ``copy_psnr_changed_per_step``, None where none changed): a frame equal to the prompt
+  gives copying the capped 100 dB (``MAX_PSNR``), more than any world decoded through a lossy tokenizer can score,
+  so a few unchanged frames can outweigh the rest of copying's mean.
 
 Writes ``world_eval.json`` and ``world_eval.png`` (PSNR per step of each).
 
@@ -66,7 +70,18 @@ def evaluate_world(
     device = world.device
     sums: dict[str, Any] = {
         k: torch.zeros(horizon, dtype=torch.float64)
-        for k in ("psnr", "ssim", "psnr_random", "ssim_random", "copy_psnr", "tokenizer_psnr", "acc")
+        for k in (
+            "psnr",
+            "ssim",
+            "psnr_random",
+            "ssim_random",
+            "copy_psnr",
+            "tokenizer_psnr",
+            "acc",
+            "changed",  # clips whose frame differs from the prompt frame
+            "psnr_changed",  # sums over those clips only
+            "copy_psnr_changed",
+        )
     }
     clips = skipped = 0
     adapter_hits = adapter_total = 0
@@ -126,11 +141,16 @@ def evaluate_world(
         recon = world.tokenizer.decode(tokens_BThw)
         copy = frames[:, context - 1 : context].expand_as(real)
 
-        sums["psnr"] += frame_psnr(gen, real).sum(0).cpu().double()
+        psnr_BF, copy_psnr_BF = frame_psnr(gen, real), frame_psnr(copy, real)
+        changed_BF = (real != copy).flatten(2).any(-1)  # (B, F)
+        sums["changed"] += changed_BF.sum(0).cpu().double()
+        sums["psnr_changed"] += (psnr_BF * changed_BF).sum(0).cpu().double()
+        sums["copy_psnr_changed"] += (copy_psnr_BF * changed_BF).sum(0).cpu().double()
+        sums["psnr"] += psnr_BF.sum(0).cpu().double()
         sums["ssim"] += frame_ssim(gen, real).sum(0).cpu().double()
         sums["psnr_random"] += frame_psnr(gen_rand, real).sum(0).cpu().double()
         sums["ssim_random"] += frame_ssim(gen_rand, real).sum(0).cpu().double()
-        sums["copy_psnr"] += frame_psnr(copy, real).sum(0).cpu().double()
+        sums["copy_psnr"] += copy_psnr_BF.sum(0).cpu().double()
         sums["tokenizer_psnr"] += frame_psnr(recon[:, context:], real).sum(0).cpu().double()
         clips += B
         skipped = int(batch["skipped"])
@@ -141,7 +161,10 @@ def evaluate_world(
             f"no readable {world.image_size}x{world.image_size} clips of {T}+ frames (context {context} + horizon "
             f"{horizon}) in {shards}: lower --horizon or use longer clips"
         )
-    per_step = {k: (v / clips).tolist() for k, v in sums.items()}
+    changed = sums.pop("changed")
+    per_step = {k: (v / clips).tolist() for k, v in sums.items() if not k.endswith("_changed")}
+    for k in ("psnr_changed", "copy_psnr_changed"):  # None at a step where no frame changed
+        per_step[k] = [float(v / n) if n else None for v, n in zip(sums[k], changed, strict=True)]
     delta = [p - r for p, r in zip(per_step["psnr"], per_step["psnr_random"], strict=True)]
     t4 = min(DELTA_T, horizon)
     adapter: dict[str, Any] = {}
@@ -168,6 +191,9 @@ def evaluate_world(
         "psnr_random_per_step": per_step["psnr_random"],
         "ssim_random_per_step": per_step["ssim_random"],
         "copy_psnr_per_step": per_step["copy_psnr"],
+        "changed_frames_per_step": changed.long().tolist(),
+        "psnr_changed_per_step": per_step["psnr_changed"],
+        "copy_psnr_changed_per_step": per_step["copy_psnr_changed"],
         "tokenizer_psnr_per_step": per_step["tokenizer_psnr"],
         "delta_psnr_per_step": delta,
         "delta_psnr_t": t4,

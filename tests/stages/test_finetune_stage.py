@@ -68,6 +68,7 @@ def test_finetune_bad_input_is_one_line(tiny_world: Path, robot_shards_16: Path,
             ],
             "nothing to train",
         ),
+        (["--model.init_args.restarts_until=1.5"], "restarts_until=1.5: choose a fraction in [0, 1]"),
     ]
     for extra, text in cases:
         assert main(fit_args(tiny_world, robot_shards_16, tmp_path / "bad", *extra)) != 0

@@ -9,11 +9,10 @@
    (``trainer.max_time`` = its share of the budget) with the learning rate's cosine decayed over that same
    time (``optim.budget_seconds``), so a stage ends with its schedule done whatever its step rate. The
    dynamics model's codebook size, token grid and number of actions are taken from the exported tokenizer
-   and LAM. Its share starts with ``genie prep tokenize`` of the training shards (tokens and latent actions,
-   once: dynamics steps on token shards ran 1.48x faster than tokenizing every batch on the fly on the 2-core
-   CPU), then it trains on the token shards for the rest of the share; on the fly instead for a LAM trained
-   through the dynamics loss (it needs the frames), with ``--no-prep-tokenize``, or where the share is under
-   ``PREP_TOKENIZE_MIN_SECONDS``.
+   and LAM. It tokenizes every batch on the fly; with ``--prep-tokenize`` its share starts with ``genie prep
+   tokenize`` of the training shards (tokens and latent actions, once) and it trains on the token shards for the
+   rest of the share. Those steps ran 1.48x faster on the 2-core CPU, but the world was not better for them
+   (docs/architecture.md, Speedrun), so no preset does it by default.
 3. **World and evaluation** on the held-out levels: tokenizer PSNR/SSIM, LAM code usage and NMI with the
    true actions, rollout PSNR/SSIM at t = 1..16 from one prompt frame with the LAM's inferred actions,
    ΔtPSNR at t = 4, and the "10 frames from 1" means that Genie-style papers report.
@@ -38,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("tokenizer", "lam", "dynamics")
 DEFAULT_SHARES = (0.2, 0.2, 0.6)  # the dynamics model needs the longest; the k-means-started tokenizer, the least
 CLIP_FRAMES = 20  # held-out clips need 1 prompt frame + 16 to predict
-# tokenizing the CPU preset's 96 episodes once took ~30 s on 2 cores and bought 1.48x faster dynamics steps, so it
-# pays back after ~90 s of training; below this dynamics share the speedrun tokenizes on the fly (unless told)
+# a preset that tokenizes first (prep_tokenize) does so only from this dynamics share on: tokenizing the CPU preset's
+# 96 episodes took ~30 s on 2 cores for 1.48x faster steps, which pays back after ~90 s of training
 PREP_TOKENIZE_MIN_SECONDS = 180.0
 HORIZON = 16
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,7 +56,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         sampler_unmask="confidence",
         eval_clips=32,
         lam_training="frozen",
-        prep_tokenize=True,  # 1.48x faster dynamics steps on token shards (PREP_TOKENIZE_MIN_SECONDS)
+        # token shards: 1.48x faster dynamics steps, but on the same tokenizer and LAM the world scored 20.40 dB against
+        # 20.61 on the fly (one seed, docs/architecture.md, Speedrun): on the fly until a measurement says otherwise
+        prep_tokenize=False,
     ),
     "gpu": dict(
         episodes=2000,
@@ -370,7 +371,7 @@ def summary_png(world: Any, args: argparse.Namespace, metrics: dict[str, Any], p
     return save_figure(fig, path)
 
 
-def rollout_gif(world: Any, args: argparse.Namespace, path: Path, steps: int = 12) -> Path:
+def rollout_gif(world: Any, args: argparse.Namespace, path: Path, steps: int = 12, scale: int = 3) -> Path:
     """One GIF of panels side by side: a real held-out clip, the world driven by the LAM's actions inferred from it,
     then the world driven by each latent action alone (the same prompt frame); a white gap between panels."""
     import torch
@@ -391,7 +392,7 @@ def rollout_gif(world: Any, args: argparse.Namespace, path: Path, steps: int = 1
         panels.append(np.concatenate([panels[0][:1], world.rollout(real[:, :1], actions)[0]]))
     gap = np.full((steps + 1, panels[0].shape[1], 2, 3), 255, np.uint8)
     frames = np.concatenate([x for p in panels for x in (p, gap)][:-1], axis=2)  # (steps + 1, H, W', 3)
-    return write_video(frames, path, fps=4, scale=3)
+    return write_video(frames, path, fps=4, scale=scale)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -418,8 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="start the dynamics share by tokenizing the training shards once (genie prep tokenize) and train on the "
-        "tokens; --no-prep-tokenize: tokenize every batch on the fly (default: when the dynamics share is at least "
-        f"{PREP_TOKENIZE_MIN_SECONDS:.0f} s and the LAM is frozen, on the cpu preset)",
+        "tokens (1.48x faster steps on 2 cores); --no-prep-tokenize: tokenize every batch on the fly (default: the "
+        "preset's, on the fly for both)",
     )
     parser.add_argument(
         "--true-actions",

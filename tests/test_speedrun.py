@@ -183,7 +183,7 @@ def test_prep_tokenize_and_a_joint_lam_are_refused_together(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_dynamics_share_starts_by_tokenizing_the_shards(speedrun, tmp_path):
-    """``--prep-tokenize`` (the cpu preset's default from a 180 s dynamics share): the dynamics stage trains on token
+    """``--prep-tokenize`` (off by default; forced here at a 18 s dynamics share): the dynamics stage trains on token
     shards made within its share from the run's tokenizer and LAM; the world and its report come out as before."""
     out, _, _ = speedrun
     run = tmp_path / "run"

@@ -37,9 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("tokenizer", "lam", "dynamics")
 DEFAULT_SHARES = (0.2, 0.2, 0.6)  # the dynamics model needs the longest; the k-means-started tokenizer, the least
 CLIP_FRAMES = 20  # held-out clips need 1 prompt frame + 16 to predict
-# a preset that tokenizes first (prep_tokenize) does so only from this dynamics share on: tokenizing the CPU preset's
-# 96 episodes took ~30 s on 2 cores for 1.48x faster steps, which pays back after ~90 s of training
-PREP_TOKENIZE_MIN_SECONDS = 180.0
 HORIZON = 16
 PRESETS: dict[str, dict[str, Any]] = {
     # episodes: training episodes of CoinRun (val: a tenth, at least 16); eval_clips: held-out clips scored
@@ -56,9 +53,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         sampler_unmask="confidence",
         eval_clips=32,
         lam_training="frozen",
-        # token shards: 1.48x faster dynamics steps, but on the same tokenizer and LAM the world scored 20.40 dB against
-        # 20.61 on the fly (one seed, docs/architecture.md, Speedrun): on the fly until a measurement says otherwise
-        prep_tokenize=False,
     ),
     "gpu": dict(
         episodes=2000,
@@ -70,9 +64,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         sampler_unmask="random",
         eval_clips=256,
         lam_training="frozen",
-        # 1.25x faster steps on an H200 (docs/architecture.md, Measured), but tokenizing 2000 x 200 frames first is
-        # unmeasured against an 8-minute budget's dynamics share: on the fly until a GPU run says otherwise
-        prep_tokenize=False,
     ),
 }
 
@@ -414,13 +405,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="frozen: the dynamics stage reads the LAM stage's actions (Genie); joint: it trains that LAM on "
         "through the dynamics loss (default: the preset's)",
     )
+    # off by default: token shards gave 1.48x faster dynamics steps on 2 cores, but on the same tokenizer and LAM the
+    # world scored 20.40 dB against 20.61 on the fly (one seed; docs/architecture.md, Speedrun). On a GPU (1.25x
+    # faster steps on an H200) tokenizing the gpu preset's 2000 x 200 frames first is unmeasured
     parser.add_argument(
         "--prep-tokenize",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+        action="store_true",
         help="start the dynamics share by tokenizing the training shards once (genie prep tokenize) and train on the "
-        "tokens (1.48x faster steps on 2 cores); --no-prep-tokenize: tokenize every batch on the fly (default: the "
-        "preset's, on the fly for both)",
+        "tokens (1.48x faster steps on 2 cores; the world was not better for it); default: tokenize every batch on "
+        "the fly",
     )
     parser.add_argument(
         "--true-actions",
@@ -460,11 +453,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["stages"][stage] = fit_stage(stage, args, preset, seconds, extra) | {"share": round(share, 3)}
             continue
         extra = frozen_overrides(args.out) + (["--model.init_args.lam_training=joint"] if joint else [])
-        tokenize = args.prep_tokenize
-        if tokenize is None:
-            tokenize = preset["prep_tokenize"] and not joint and seconds >= PREP_TOKENIZE_MIN_SECONDS
         spent = 0.0
-        if tokenize:  # inside the dynamics share: preparing the stage's data is part of its training time
+        if args.prep_tokenize:  # inside the dynamics share: preparing the stage's data is part of its training time
             tokens, spent = prep_tokenize(args, device)
         fit_seconds = max(seconds - spent, 0.5 * seconds)  # a tiny share still trains; the budget then runs over
         if spent > 0.5 * seconds:

@@ -89,8 +89,8 @@ def evaluate_world(
     rng = torch.Generator().manual_seed(seed)
     true_actions = world.dynamics.config.action_source == "true"  # an upper-bound world: the data's own actions
     # the same world decoding every patch (same models, same seeds: the same tokens), to report both renderings
-    decoded_world = world.fork(sampler=dataclasses.replace(world.sampler_config, keep_pixels=False))
     if world.keeps_pixels:
+        decoded_world = world.fork(sampler=dataclasses.replace(world.sampler_config, keep_pixels=False))
         sums.update({k: torch.zeros(horizon, dtype=torch.float64) for k in ("psnr_decoded", "ssim_decoded")})
     bar = tqdm(total=max_clips, desc="eval world", unit="clip", dynamic_ncols=True)
     stream = heldout_stream(shards, T, batch_size, world.image_size, max_clips, require_actions=true_actions)

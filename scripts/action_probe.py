@@ -32,13 +32,14 @@ from genie.eval.actions import grouping_table
 from genie.eval.common import heldout_stream
 from genie.eval.metrics import contingency, nmi_chance, nmi_from_contingency
 
+RESOLUTION = 64  # CoinRun frames are 64 x 64
 SPEEDRUN_LAM = Path(__file__).resolve().parents[1] / "configs/speedrun/cpu/lam.yaml"
 
 
 def load(shards: str, clips: int, clip_frames: int) -> tuple[Tensor, Tensor]:
     """uint8 frames (B, T, H, W, C) and raw actions (B, T-1) of up to ``clips`` clips of ``clip_frames`` frames."""
     frames, actions = [], []
-    for batch in heldout_stream(shards, clip_frames, 16, 64, clips, require_actions=True):
+    for batch in heldout_stream(shards, clip_frames, 16, RESOLUTION, clips, require_actions=True):
         frames.append(batch["frames"])
         actions.append(batch["actions"].long())
     return torch.cat(frames), torch.cat(actions)
@@ -86,14 +87,7 @@ class LAMProbe(nn.Module):
         """Logits (B, K-1, classes): one per transition of the window (each sees only the frames up to its own)."""
         from genie.models.tokenizer import frames_to_unit
 
-        lam = self.lam
-        x_BKNX = lam.centre(lam.patchify(frames_to_unit(window_BKHWC)))
-        if lam.config.motion_input:
-            x_BKNX = torch.cat([x_BKNX, torch.cat([torch.zeros_like(x_BKNX[:, :1]), x_BKNX.diff(dim=1)], 1)], -1)
-        x_BKND = lam.encoder_embed(x_BKNX)
-        B, K = x_BKND.shape[:2]
-        act_BK1D = lam.action_token_D.expand(B, K, 1, -1)
-        return self.head(lam.encoder(torch.cat([act_BK1D, x_BKND], 2))[:, 1:, 0])
+        return self.head(self.lam.action_features(self.lam.patchify(frames_to_unit(window_BKHWC))))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,19 +106,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--net", choices=("cnn", "lam"), default="cnn", help="the probe network (see above)")
     parser.add_argument("--lam-config", type=Path, default=SPEEDRUN_LAM, help="the LAM stage config of --net lam")
     args = parser.parse_args(argv)
-    if not 0 <= args.crop <= 64:
-        parser.error(f"--crop must be in [0, 64], got {args.crop}")
+    if not 0 <= args.crop <= RESOLUTION:
+        parser.error(f"--crop must be in [0, {RESOLUTION}], got {args.crop}")
     if not 2 <= args.frames <= args.clip_frames:
         parser.error(f"--frames must be in [2, --clip-frames {args.clip_frames}]")
     torch.manual_seed(args.seed)
     table = torch.tensor(grouping_table("coinrun", args.grouping))
     classes = int(table.max()) + 1
+    k, crop = args.frames, args.crop
+    try:
+        net = LAMProbe(args.lam_config, crop or RESOLUTION, classes) if args.net == "lam" else CNNProbe(k, classes)
+    except ValueError as e:  # e.g. a crop the LAM's patch size does not divide
+        parser.error(f"--net lam, --crop {crop}, --lam-config {args.lam_config}: {e}")
     train_frames, train_actions = load(args.train, 100_000, args.clip_frames)
     val_frames, val_actions = load(args.val, 100_000, args.clip_frames)
     print(f"{len(train_frames)} training clips, {len(val_frames)} held out", flush=True)
-    k, crop = args.frames, args.crop
-    size = crop or train_frames.shape[2]
-    net = LAMProbe(args.lam_config, size, classes) if args.net == "lam" else CNNProbe(k, classes)
     opt = torch.optim.AdamW(net.parameters(), args.lr)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()

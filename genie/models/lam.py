@@ -413,11 +413,11 @@ class LatentActionModel(GeniePreTrainedModel):
 
     # ---- halves -------------------------------------------------------------------------------------------
 
-    def encode_latents(self, patches_BTNX: Tensor, as_in_training: bool = False) -> Tensor:
-        """Continuous action latents of transitions 1..T-1: (B, T, N, X) in [-1, 1] -> (B, T-1, Z).
+    def action_features(self, patches_BTNX: Tensor) -> Tensor:
+        """The encoder's output at each transition's action token: (B, T, N, X) in [-1, 1] -> (B, T-1, D).
 
-        Normalised (:class:`LatentNorm`) and ready for the quantizer. ``as_in_training``: normalise as training
-        mode does (:meth:`LatentNorm.as_in_training`, no statistics change) whatever the module's mode.
+        What :meth:`encode_latents` projects to the code space (and what a supervised probe of the encoder reads,
+        ``scripts/action_probe.py --net lam``).
         """
         B, T = patches_BTNX.shape[:2]
         x_BTNX = self.centre(patches_BTNX)
@@ -429,7 +429,15 @@ class LatentActionModel(GeniePreTrainedModel):
         act_BT1D = repeat(self.action_token_D, "d -> b t 1 d", b=B, t=T).to(x_BTND.dtype)
         h_BTND = self.encoder(torch.cat([act_BT1D, x_BTND], dim=2))  # (B, T, 1+N, D)
         # frame t+1's action token has seen frames 1..t+1: it describes transition t -> t+1
-        z_BTZ = self.to_code(h_BTND[:, 1:, 0])  # (B, T-1, Z)
+        return h_BTND[:, 1:, 0]
+
+    def encode_latents(self, patches_BTNX: Tensor, as_in_training: bool = False) -> Tensor:
+        """Continuous action latents of transitions 1..T-1: (B, T, N, X) in [-1, 1] -> (B, T-1, Z).
+
+        Normalised (:class:`LatentNorm`) and ready for the quantizer. ``as_in_training``: normalise as training
+        mode does (:meth:`LatentNorm.as_in_training`, no statistics change) whatever the module's mode.
+        """
+        z_BTZ = self.to_code(self.action_features(patches_BTNX))  # (B, T-1, Z)
         return self.latent_norm.as_in_training(z_BTZ) if as_in_training else self.latent_norm(z_BTZ)
 
     def decode_next(self, patches_BTNX: Tensor, actions_BTZ: Tensor) -> Tensor:

@@ -29,7 +29,11 @@ def test_probe_reports_accuracy_and_nmi(coinrun_shards: Path, capsys, net: str, 
     assert 0.0 <= nmi <= 1.0
 
 
-def test_probe_refuses_a_crop_larger_than_the_frame(coinrun_shards: Path) -> None:
+@pytest.mark.parametrize("extra", [["--crop", "80"], ["--net", "lam", "--crop", "20"]])
+def test_probe_refuses_a_crop_before_reading_any_data(tmp_path: Path, capsys, extra: list[str]) -> None:
+    """Larger than the frame, or not a multiple of the LAM's patch size: a one-line usage error, and no shard is read
+    (the paths do not exist)."""
     probe = load_script()
     with pytest.raises(SystemExit):
-        probe.main(["--train", str(coinrun_shards / "train"), "--val", str(coinrun_shards / "val"), "--crop", "80"])
+        probe.main(["--train", str(tmp_path / "none"), "--val", str(tmp_path / "none"), *extra])
+    assert "--crop" in capsys.readouterr().err
